@@ -1,0 +1,191 @@
+"""The ``heimdall-inference`` command line.
+
+    heimdall-inference simulate --count 20 --out scenes/          # heimdall.iq/v1 payloads + truth
+    heimdall-inference predict scenes/scene-0000.json --plot map.png
+    heimdall-inference evaluate --scenes 1000                      # model vs grid posterior vs CRB
+    heimdall-inference bench --in-process                          # the pipeline's own limit
+    heimdall-inference model info
+    heimdall-inference demo                                        # simulate, locate, tabulate, draw
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="ONNX model file (default: the shipped reference model)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="heimdall-inference", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write simulated heimdall.iq/v1 payloads and their truth")
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True, help="directory for scene-NNNN.{json,msgpack} and the truth beside each (scene-NNNN.truth, JSON)")
+    p.add_argument("--format", choices=("json", "msgpack"), default="json")
+    p.add_argument("--dtype", choices=("mixed", "ci16", "complex64"), default="mixed")
+    p.add_argument("--receivers", type=int, default=None, help="receivers online per scene (default: 3-7 at random)")
+    p.add_argument("--sample-rate-hz", type=float, default=12_000.0)
+
+    p = sub.add_parser("predict", help="locate payload files in-process and print the fixes as JSON")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--plot", type=Path, default=None, help="write a map picture (PNG)")
+    _add_model(p)
+
+    p = sub.add_parser("evaluate", help="held-out scenes: model vs grid posterior vs Cramér-Rao bound")
+    p.add_argument("--scenes", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--grid-step-m", type=float, default=2000.0)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    _add_model(p)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("--in-process", action="store_true", required=True,
+                   help="the in-process pipeline on one core (the service's limit)")
+    p.add_argument("--batch-sizes", default="1,8,32,128")
+    p.add_argument("--seconds", type=float, default=2.0, help="per batch size")
+    p.add_argument("--json", type=Path, default=None)
+    _add_model(p)
+
+    p = sub.add_parser("model", help="model information")
+    p.add_argument("action", choices=("info",))
+    _add_model(p)
+
+    p = sub.add_parser("demo", help="simulate transmissions, locate them in-process, print a table, draw a map")
+    p.add_argument("--count", type=int, default=8)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--plot", type=Path, default=Path("heimdall-demo.png"))
+    _add_model(p)
+    return ap
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from .codec import dumps
+    from .network import reference_network
+    from .simulator import SignalConfig, scene_payloads, simulate
+
+    net = reference_network()
+    signal = SignalConfig(sample_rate_hz=args.sample_rate_hz)
+    scenes, iq = simulate(net, args.count, args.seed, signal=signal, n_online=args.receivers)
+    docs = scene_payloads(scenes, iq, net, signal, seed=args.seed, dtype=args.dtype, binary=args.format == "msgpack")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(docs):
+        (args.out / f"scene-{i:04d}.{args.format}").write_bytes(dumps(doc, args.format))
+        (args.out / f"scene-{i:04d}.truth").write_text(json.dumps(scenes.truth(i, net), indent=1))
+    print(f"wrote {len(docs)} {args.format} payloads and their truth to {args.out}")
+    return 0
+
+
+def _truth_for(path: Path) -> dict[str, Any] | None:
+    t = path.with_name(path.name.rsplit(".", 1)[0] + ".truth")
+    return json.loads(t.read_text()) if t.exists() else None
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .errors import PayloadError
+    from .pipeline import Localizer
+
+    loc = Localizer(args.model)
+    results = loc.predict_many([f.read_bytes() for f in args.files])
+    fixes, truths, status = [], [], 0
+    for f, r in zip(args.files, results):
+        if isinstance(r, PayloadError):
+            print(json.dumps({"file": str(f), "error": r.to_dict()}))
+            status = 2
+        else:
+            print(json.dumps(r) if len(args.files) > 1 else json.dumps(r, indent=2))
+            fixes.append(r)
+            truths.append(_truth_for(f))
+    if args.plot and fixes:
+        from .plot import plot_fixes
+
+        plot_fixes(loc.spec.network, fixes, args.plot, truths=truths)
+        print(f"map written to {args.plot}", file=sys.stderr)
+    return status
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    report = evaluate(args.model, scenes=args.scenes, seed=args.seed, grid_step_m=args.grid_step_m,
+                      progress=lambda m: print(m, file=sys.stderr))
+    print(report.table())
+    if args.json:
+        args.json.write_text(json.dumps(report.figures(), indent=2))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench_inprocess import bench_in_process, format_in_process
+
+    sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+    report = bench_in_process(args.model, batch_sizes=sizes, seconds_per_size=args.seconds)
+    print(format_in_process(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from .session import ModelSession
+
+    print(json.dumps(ModelSession(args.model).info(), indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .codec import dumps
+    from .pipeline import Localizer
+    from .simulator import SignalConfig, scene_payloads, simulate
+    from .uncertainty import ellipse_scale, mahalanobis_sq
+
+    loc = Localizer(args.model)
+    net = loc.spec.network
+    scenes, iq = simulate(net, args.count, args.seed)
+    docs = scene_payloads(scenes, iq, net, SignalConfig(), seed=args.seed, binary=True)
+    fixes = loc.predict_many([dumps(d, "msgpack") for d in docs])
+    print(f"{'#':>2} {'rx':>2} {'true lat':>9} {'true lon':>9} {'fix lat':>9} {'fix lon':>9} {'error km':>8} "
+          f"{'95% ellipse km':>15}  inside95")
+    errs = []
+    for i, fix in enumerate(fixes):
+        t = scenes.truth(i, net)
+        e = float(np.hypot(fix["position"]["east_m"] - t["east_m"], fix["position"]["north_m"] - t["north_m"]) / 1e3)
+        errs.append(e)
+        el = fix["uncertainty"]["ellipses"][-1]
+        cov = np.array(fix["uncertainty"]["covariance_enu_m2"])
+        d = np.array([t["east_m"] - fix["position"]["east_m"], t["north_m"] - fix["position"]["north_m"]])
+        inside = float(mahalanobis_sq(d, cov)) <= float(ellipse_scale(0.95)) ** 2
+        print(f"{i:>2} {len(t['online']):>2} {t['lat']:>9.4f} {t['lon']:>9.4f} {fix['position']['lat']:>9.4f} "
+              f"{fix['position']['lon']:>9.4f} {e:>8.1f} {el['semi_major_m'] / 1e3:>6.1f} x {el['semi_minor_m'] / 1e3:>5.1f}"
+              f"  {'yes' if inside else 'no'}")
+    print(f"median error {np.median(errs):.1f} km over {len(errs)} simulated transmissions "
+          f"(model {loc.spec.name} v{loc.spec.version})")
+    if args.plot:
+        from .plot import plot_fixes
+
+        plot_fixes(net, fixes, args.plot, truths=[scenes.truth(i, net) for i in range(len(fixes))])
+        print(f"map written to {args.plot}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"simulate": _simulate, "predict": _predict, "evaluate": _evaluate, "bench": _bench,
+               "model": _model, "demo": _demo}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,44 @@
+"""The ``heimdall.fix/v1`` result document (design.md §4)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .payload import DecodedPayload
+from .spec import ModelSpec
+from .uncertainty import DEFAULT_CONFIDENCES, ellipse_geojson, ellipses
+
+__all__ = ["SCHEMA_FIX", "build_fixes"]
+
+SCHEMA_FIX = "heimdall.fix/v1"
+
+
+def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.ndarray, spec: ModelSpec, *,
+                timings_ms: dict[str, float], task_ids: list[str | None] | None = None,
+                alias: str | None = None) -> list[dict[str, Any]]:
+    """One fix document per payload; ``mean_enu`` [B, 2] metres, ``cov`` [B, 2, 2] m^2."""
+    lat, lon = spec.network.to_geodetic(mean_enu[:, 0], mean_enu[:, 1])
+    task_ids = task_ids or [None] * len(decoded)
+    out = []
+    for i, d in enumerate(decoded):
+        c = cov[i]
+        out.append({
+            "schema": SCHEMA_FIX,
+            "task_id": task_ids[i],
+            "request_id": d.request_id,
+            "captured_at": d.captured_at,
+            "position": {"lat": round(float(lat[i]), 6), "lon": round(float(lon[i]), 6),
+                         "east_m": round(float(mean_enu[i, 0]), 1), "north_m": round(float(mean_enu[i, 1]), 1)},
+            "uncertainty": {
+                "covariance_enu_m2": [[float(c[0, 0]), float(c[0, 1])], [float(c[1, 0]), float(c[1, 1])]],
+                "ellipses": [e.to_dict() for e in ellipses(c, DEFAULT_CONFIDENCES)],
+                "geojson": ellipse_geojson(spec.network, mean_enu[i], c, DEFAULT_CONFIDENCES[-1]),
+            },
+            "receivers_used": list(d.receiver_ids),
+            "model": {"name": spec.name, "version": spec.version, "alias": alias},
+            "cached": False,
+            "timings_ms": dict(timings_ms),
+        })
+    return out

@@ -1,0 +1,101 @@
+"""Covariance -> confidence ellipses and a GeoJSON polygon (design.md §4).
+
+For a 2-D Gaussian with covariance ``P`` the region ``d^T P^-1 d <= k^2`` holds probability
+``p = chi2.cdf(k^2, 2)``, so the ellipse scale for confidence ``p`` is ``k = sqrt(chi2.ppf(p, 2))``
+(2.447 for 95 %), computed here from scipy, not read from a table. The semi-axes are ``k`` times the
+square roots of ``P``'s eigenvalues; the orientation is the major axis' bearing, degrees clockwise
+from true north, in [0, 180).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import chi2
+
+from .network import Network
+
+__all__ = ["Ellipse", "covariance_from_params", "ellipse_scale", "ellipses", "ellipse_polygon_enu",
+           "ellipse_geojson", "mahalanobis_sq"]
+
+DEFAULT_CONFIDENCES = (0.68, 0.95)
+
+
+@dataclass(frozen=True, slots=True)
+class Ellipse:
+    confidence: float
+    semi_major_m: float
+    semi_minor_m: float
+    orientation_deg: float  #: major axis, clockwise from true north, [0, 180)
+
+    def to_dict(self) -> dict[str, float]:
+        return {"confidence": self.confidence, "semi_major_m": round(self.semi_major_m, 1),
+                "semi_minor_m": round(self.semi_minor_m, 1), "orientation_deg": round(self.orientation_deg, 2)}
+
+
+def covariance_from_params(params: np.ndarray) -> np.ndarray:
+    """[..., 3] (log sigma_e, log sigma_n, rho) -> [..., 2, 2] east/north covariance in m^2."""
+    params = np.asarray(params, np.float64)
+    se, sn, rho = np.exp(params[..., 0]), np.exp(params[..., 1]), params[..., 2]
+    cov = np.empty(params.shape[:-1] + (2, 2))
+    cov[..., 0, 0] = se * se
+    cov[..., 1, 1] = sn * sn
+    cov[..., 0, 1] = cov[..., 1, 0] = rho * se * sn
+    return cov
+
+
+def ellipse_scale(confidence: float | np.ndarray) -> np.ndarray:
+    """Mahalanobis radius k of the 2-D region holding ``confidence``: sqrt(chi2.ppf(p, 2))."""
+    return np.sqrt(chi2.ppf(confidence, 2))
+
+
+def mahalanobis_sq(delta: np.ndarray, cov: np.ndarray) -> np.ndarray:
+    """[..., 2] offsets and [..., 2, 2] covariances -> [...] squared Mahalanobis distance."""
+    return np.einsum("...i,...i->...", delta, np.linalg.solve(cov, delta[..., None])[..., 0])
+
+
+def _axes(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Eigen-decomposition of [..., 2, 2]: (major variance, minor variance, bearing of major deg)."""
+    vals, vecs = np.linalg.eigh(cov)  # ascending
+    major = vecs[..., :, 1]  # (east, north) components
+    bearing = np.degrees(np.arctan2(major[..., 0], major[..., 1])) % 180.0
+    return np.maximum(vals[..., 1], 0.0), np.maximum(vals[..., 0], 0.0), bearing
+
+
+def ellipses(cov: np.ndarray, confidences: tuple[float, ...] = DEFAULT_CONFIDENCES) -> list[Ellipse]:
+    """The confidence ellipses of one 2x2 covariance."""
+    vmaj, vmin, bearing = _axes(np.asarray(cov, float))
+    return [Ellipse(confidence=p, semi_major_m=float(k * np.sqrt(vmaj)), semi_minor_m=float(k * np.sqrt(vmin)),
+                    orientation_deg=float(bearing))
+            for p, k in zip(confidences, ellipse_scale(np.asarray(confidences)))]
+
+
+def ellipse_polygon_enu(center_enu: np.ndarray, cov: np.ndarray, confidence: float, points: int = 72) -> np.ndarray:
+    """[points + 1, 2] closed ring of east/north metres on the ellipse boundary."""
+    k = ellipse_scale(confidence)
+    vals, vecs = np.linalg.eigh(np.asarray(cov, float))
+    theta = np.linspace(0.0, 2.0 * np.pi, points, endpoint=False)
+    unit = np.stack([np.cos(theta), np.sin(theta)], axis=1) * np.sqrt(np.maximum(vals, 0.0))
+    ring = np.asarray(center_enu, float) + k * unit @ vecs.T
+    return np.vstack([ring, ring[:1]])
+
+
+def ellipse_geojson(network: Network, center_enu: np.ndarray, cov: np.ndarray, confidence: float = 0.95,
+                    points: int = 72) -> dict:
+    """A GeoJSON Feature whose Polygon is the ellipse in lon/lat (through the tangent plane)."""
+    ring = ellipse_polygon_enu(center_enu, cov, confidence, points)
+    lat, lon = network.to_geodetic(ring[:, 0], ring[:, 1])
+    coords = [[round(float(x), 6), round(float(y), 6)] for x, y in zip(lon, lat)]
+    coords[-1] = coords[0]
+    # GeoJSON (RFC 7946) wants exterior rings counter-clockwise: the parameterisation above runs
+    # counter-clockwise in (east, north) whenever the eigenvector basis is right-handed.
+    if _signed_area(coords) < 0:
+        coords.reverse()
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [coords]},
+            "properties": {"confidence": confidence}}
+
+
+def _signed_area(coords: list[list[float]]) -> float:
+    a = np.asarray(coords)
+    return 0.5 * float(np.sum(a[:-1, 0] * a[1:, 1] - a[1:, 0] * a[:-1, 1]))

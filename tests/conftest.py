@@ -1,0 +1,51 @@
+"""Shared fixtures: the shipped model, a warm localizer and simulated payloads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from heimdall_inference.codec import dumps
+from heimdall_inference.pipeline import Localizer
+from heimdall_inference.simulator import Scenes, SignalConfig, scene_payloads, simulate
+
+
+@pytest.fixture(scope="session")
+def localizer() -> Localizer:
+    """The shipped reference model, warm, as a worker process holds it."""
+    return Localizer()
+
+
+@pytest.fixture(scope="session")
+def spec(localizer):
+    return localizer.spec
+
+
+@pytest.fixture(scope="session")
+def signal(spec) -> SignalConfig:
+    return SignalConfig(sample_rate_hz=spec.sample_rate_hz, snippet_s=spec.snippet_samples / spec.sample_rate_hz,
+                        full_scale_dbm=spec.features.full_scale_dbm)
+
+
+@pytest.fixture(scope="session")
+def scenes_and_payloads(spec, signal) -> tuple[Scenes, list[dict]]:
+    """40 simulated scenes (3-7 receivers, mixed dtypes) as JSON-ready payload dicts, with truth."""
+    scenes, iq = simulate(spec.network, 40, seed=101, signal=signal)
+    return scenes, scene_payloads(scenes, iq, spec.network, signal, seed=101)
+
+
+@pytest.fixture()
+def payload(scenes_and_payloads) -> dict:
+    """A fresh deep copy of one valid JSON-ready payload (tests may mutate it)."""
+    import copy
+
+    return copy.deepcopy(scenes_and_payloads[1][0])
+
+
+@pytest.fixture()
+def payload_bytes(payload) -> bytes:
+    return dumps(payload, "json")
+
+
+def error_km(fix: dict, truth_east_m: float, truth_north_m: float) -> float:
+    return float(np.hypot(fix["position"]["east_m"] - truth_east_m, fix["position"]["north_m"] - truth_north_m) / 1e3)

@@ -1,0 +1,87 @@
+"""The command line, end to end, on files a user would have."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from heimdall_inference.cli import main
+
+
+def test_simulate_then_predict_json_and_msgpack_with_a_map(tmp_path, capsys):
+    for fmt in ("json", "msgpack"):
+        out = tmp_path / fmt
+        assert main(["simulate", "--count", "3", "--seed", "4", "--out", str(out), "--format", fmt]) == 0
+        files = sorted(out.glob(f"scene-*.{fmt}"))
+        assert len(files) == 3 and len(list(out.glob("*.truth"))) == 3
+        capsys.readouterr()
+        png = tmp_path / f"{fmt}.png"
+        assert main(["predict", *map(str, files), "--plot", str(png)]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [f["request_id"] for f in lines] == ["sim-4-0", "sim-4-1", "sim-4-2"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    json_fixes = lines  # msgpack run; the same scenes as JSON give the same fixes
+    assert all(f["schema"] == "heimdall.fix/v1" for f in json_fixes)
+
+
+def test_predict_reports_invalid_files_as_structured_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "heimdall.iq/v1"}')
+    assert main(["predict", str(bad)]) == 2
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["error"]["code"] == "missing_field" and doc["error"]["field"] == "captured_at"
+
+
+def test_single_predict_is_pretty_json(tmp_path, capsys):
+    main(["simulate", "--count", "1", "--seed", "2", "--out", str(tmp_path), "--receivers", "3", "--dtype", "ci16"])
+    capsys.readouterr()
+    assert main(["predict", str(tmp_path / "scene-0000.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("{\n") and len(json.loads(out)["receivers_used"]) == 3
+
+
+def test_model_info(capsys):
+    assert main(["model", "info"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["name"] == "localization_model" and len(info["receivers"]) == 7
+
+
+def test_bench_in_process_prints_figures(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--in-process", "--batch-sizes", "1,16", "--seconds", "0.2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "fixes/s" in text
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["results"]] == [1, 16]
+    for r in report["results"]:
+        assert r["fixes"] >= r["batch"] and r["fixes_per_s"] > 0
+        assert sum(r["share_pct"].values()) == pytest.approx(100, abs=0.5)
+
+
+@pytest.mark.slow
+def test_evaluate_command(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--scenes", "16", "--seed", "9", "--grid-step-m", "6000", "--json", str(out)]) == 0
+    assert "grid posterior" in capsys.readouterr().out
+    assert json.loads(out.read_text())["scenes"] == 16
+
+
+def test_demo_writes_table_and_map(tmp_path, capsys):
+    png = tmp_path / "demo.png"
+    assert main(["demo", "--count", "4", "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "median error" in out and png.exists()
+    rows = [line for line in out.splitlines() if line[:2].strip().isdigit()]
+    assert len(rows) == 4
+    errors = np.array([float(r.split()[6]) for r in rows])
+    assert np.all(errors >= 0) and np.median(errors) < 100
+
+
+def test_console_script_entry_point(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "heimdall_inference", "model", "info"], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert json.loads(res.stdout)["version"]

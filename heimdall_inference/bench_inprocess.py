@@ -48,8 +48,17 @@ def bench_in_process(model_path: str | Path | None = None, *, batch_sizes: tuple
                      seconds_per_size: float = 2.0, payloads: int = 512, seed: int = 11,
                      pin_one_core: bool = True) -> dict[str, Any]:
     """Fixes/s and the decode/features/inference/result split for each batch size, on one core."""
-    if pin_one_core and hasattr(os, "sched_setaffinity"):
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    if pin_one_core and saved:
+        os.sched_setaffinity(0, {sorted(saved)[0]})
+    try:
+        return _bench(model_path, batch_sizes, seconds_per_size, payloads, seed)
+    finally:
+        if pin_one_core and saved:
+            os.sched_setaffinity(0, saved)
+
+
+def _bench(model_path, batch_sizes, seconds_per_size, payloads, seed) -> dict[str, Any]:
     loc = Localizer(model_path, session_options=SessionOptions(intra_op_threads=1))
     raw = make_payloads(loc, payloads, seed)
     out: dict[str, Any] = {"payloads": payloads, "payload_bytes_mean": sum(map(len, raw)) / len(raw),

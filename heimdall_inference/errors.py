@@ -67,11 +67,17 @@ class PayloadError(HeimdallError):
     """
 
     def __init__(self, code: str, message: str, field: str | None = None, **context: Any) -> None:
-        super().__init__(message)
+        # args carry (code, message, field) so that Celery's JSON exception envelope rebuilds the
+        # same typed error on the client side
+        super().__init__(code, message, field)
         self.code = code
         self.message = message
         self.field = field
         self.context = context
+
+    def __str__(self) -> str:
+        where = f" (field {self.field})" if self.field else ""
+        return f"{self.code}: {self.message}{where}"
 
     def to_dict(self) -> dict[str, Any]:
         """The structured error result: ``{"code", "message", "field"}`` plus context."""

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .network import Network
-from .uncertainty import ellipse_polygon_enu
+from .result import ellipse_radius
+from .uncertainty import ellipse_polygon_enu, ellipse_scale
 
 __all__ = ["plot_fixes"]
 
@@ -39,7 +40,7 @@ def plot_fixes(network: Network, fixes: Sequence[dict[str, Any]], path: str | Pa
         center = np.array([pos["east_m"], pos["north_m"]])
         cov = np.array(fix["uncertainty"]["covariance_enu_m2"])
         for p, style in ((0.68, "-"), (0.95, "--")):
-            ring = ellipse_polygon_enu(center, cov, p)
+            ring = ellipse_polygon_enu(center, cov / ellipse_scale(p) ** 2 * ellipse_radius(fix, p) ** 2, p)
             la, lo = network.to_geodetic(ring[:, 0], ring[:, 1])
             ax.plot(lo, la, style, color=c, lw=1.2, label=f"{int(p * 100)} % ellipse" if i == 0 else None)
         ax.plot(pos["lon"], pos["lat"], "o", color=c, ms=7, label="fix" if i == 0 else None)

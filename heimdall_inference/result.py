@@ -10,7 +10,7 @@ from .payload import DecodedPayload
 from .spec import ModelSpec
 from .uncertainty import DEFAULT_CONFIDENCES, ellipse_geojson, ellipses
 
-__all__ = ["SCHEMA_FIX", "build_fixes"]
+__all__ = ["SCHEMA_FIX", "build_fixes", "ellipse_radius", "covers"]
 
 SCHEMA_FIX = "heimdall.fix/v1"
 
@@ -33,8 +33,8 @@ def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.nda
                          "east_m": round(float(mean_enu[i, 0]), 1), "north_m": round(float(mean_enu[i, 1]), 1)},
             "uncertainty": {
                 "covariance_enu_m2": [[float(c[0, 0]), float(c[0, 1])], [float(c[1, 0]), float(c[1, 1])]],
-                "ellipses": [e.to_dict() for e in ellipses(c, DEFAULT_CONFIDENCES)],
-                "geojson": ellipse_geojson(spec.network, mean_enu[i], c, DEFAULT_CONFIDENCES[-1]),
+                "ellipses": [e.to_dict() for e in ellipses(c, DEFAULT_CONFIDENCES, spec.dof)],
+                "geojson": ellipse_geojson(spec.network, mean_enu[i], c, DEFAULT_CONFIDENCES[-1], dof=spec.dof),
             },
             "receivers_used": list(d.receiver_ids),
             "model": {"name": spec.name, "version": spec.version, "alias": alias},
@@ -42,3 +42,17 @@ def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.nda
             "timings_ms": dict(timings_ms),
         })
     return out
+
+
+def ellipse_radius(fix: dict[str, Any], confidence: float) -> float:
+    """The Mahalanobis radius a fix used for its ``confidence`` ellipse (whatever its model's family)."""
+    cov = np.asarray(fix["uncertainty"]["covariance_enu_m2"], float)
+    e = next(e for e in fix["uncertainty"]["ellipses"] if abs(e["confidence"] - confidence) < 1e-9)
+    return float(e["semi_major_m"] / np.sqrt(np.linalg.eigvalsh(cov)[-1]))
+
+
+def covers(fix: dict[str, Any], east_m: float, north_m: float, confidence: float = 0.95) -> bool:
+    """Does the fix's ``confidence`` ellipse contain the point (tangent-plane metres)?"""
+    cov = np.asarray(fix["uncertainty"]["covariance_enu_m2"], float)
+    d = np.array([east_m - fix["position"]["east_m"], north_m - fix["position"]["north_m"]])
+    return bool(d @ np.linalg.solve(cov, d) <= ellipse_radius(fix, confidence) ** 2 * (1 + 1e-6))

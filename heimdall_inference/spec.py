@@ -38,6 +38,13 @@ class ModelSpec:
     training: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def dof(self) -> float | None:
+        """Degrees of freedom of a Student-t predictive distribution; None for a Gaussian."""
+        if self.uncertainty.get("family") == "student_t":
+            return float(self.uncertainty["dof"])
+        return None
+
+    @property
     def sample_rate_hz(self) -> float:
         return self.features.sample_rate_hz
 

@@ -29,6 +29,7 @@ import numpy as np
 from .dataset import observe
 from .features import FeatureConfig, FeaturePlan
 from .network import reference_network
+from .session import ModelSession
 from .simulator import Priors, SignalConfig
 from .spec import METADATA_KEY, ModelSpec
 
@@ -181,18 +182,22 @@ def train(features: np.ndarray, mask: np.ndarray, target: np.ndarray, spec: Mode
 
 
 def export_onnx(model, spec: ModelSpec, path: Path) -> None:
-    """Write the ONNX graph with dynamic batch and the metadata document."""
-    import onnx
+    """Write the ONNX graph with dynamic batch, then the metadata document."""
     import torch
 
     r = len(spec.network)
     dummy = (torch.zeros(2, r, spec.features.n_mels, spec.features.frames), torch.ones(2, r))
-    tmp = path.with_suffix(".tmp.onnx")
-    torch.onnx.export(model, dummy, str(tmp), input_names=["features", "mask"], output_names=["mean", "cov"],
+    torch.onnx.export(model, dummy, str(path), input_names=["features", "mask"], output_names=["mean", "cov"],
                       dynamic_axes={"features": {0: "batch"}, "mask": {0: "batch"}, "mean": {0: "batch"},
                                     "cov": {0: "batch"}}, opset_version=17, dynamo=False)
-    proto = onnx.load(str(tmp))
-    tmp.unlink()
+    write_metadata(path, spec)
+
+
+def write_metadata(path: Path, spec: ModelSpec) -> None:
+    """Replace the model's ``metadata_props["heimdall"]`` with ``spec`` (the graph is untouched)."""
+    import onnx
+
+    proto = onnx.load(str(path))
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, spec.to_json()
@@ -202,17 +207,55 @@ def export_onnx(model, spec: ModelSpec, path: Path) -> None:
     onnx.save(proto, str(path))
 
 
+def fit_dof(d2: np.ndarray) -> float:
+    """Maximum-likelihood degrees of freedom of a 2-D Student-t, given squared Mahalanobis distances.
+
+    Under a Student-t with covariance P and ``nu`` dof, ``d2 * nu / (2 (nu - 2))`` is F(2, nu); only
+    ``nu`` is fitted (the covariance is the network's). A large ``nu`` means Gaussian errors.
+    """
+    from scipy import optimize, stats
+
+    d2 = np.asarray(d2, float)
+    d2 = d2[np.isfinite(d2)]
+
+    def nll(log_excess: float) -> float:
+        nu = 2.0 + np.exp(log_excess)
+        scale = nu / (2.0 * (nu - 2.0))
+        return -float(np.sum(stats.f.logpdf(d2 * scale, 2, nu) + np.log(scale)))
+
+    res = optimize.minimize_scalar(nll, bounds=(np.log(0.05), np.log(2000.0)), method="bounded")
+    return float(2.0 + np.exp(res.x))
+
+
+def calibrate(path: Path, features: np.ndarray, mask: np.ndarray, target: np.ndarray) -> dict:
+    """Fit the predictive family on held-out scenes through onnxruntime (the shipped graph itself)."""
+    from .session import ModelSession
+    from .uncertainty import covariance_from_params, mahalanobis_sq
+
+    sess = ModelSession(path)
+    d2 = []
+    for i in range(0, len(features), 4096):
+        mean, params = sess.run(np.ascontiguousarray(features[i:i + 4096]), np.ascontiguousarray(mask[i:i + 4096]))
+        d2.append(mahalanobis_sq(target[i:i + 4096] - mean.astype(float), covariance_from_params(params)))
+    nu = fit_dof(np.concatenate(d2))
+    if nu > 500:
+        return {"family": "gaussian", "fitted_on_scenes": len(features)}
+    return {"family": "student_t", "dof": round(nu, 3), "fitted_on_scenes": len(features)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m heimdall_inference.training", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("heimdall_inference/models"))
-    ap.add_argument("--scenes", type=int, default=200_000)
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--scenes", type=int, default=400_000)
+    ap.add_argument("--epochs", type=int, default=14)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--version", default="1")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--eval-scenes", type=int, default=2000)
+    ap.add_argument("--eval-scenes", type=int, default=1000)
     ap.add_argument("--eval-seed", type=int, default=2026)
+    ap.add_argument("--calibrate-only", action="store_true",
+                    help="keep the model in --out; refit its predictive family, re-evaluate, rewrite the card")
     ap.add_argument("--cache", type=Path, default=None,
                     help="keep the simulated training chunks here (.npz) and reuse them")
     args = ap.parse_args(argv)
@@ -223,22 +266,30 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     features, mask, target = simulate_dataset(spec, args.scenes, args.seed, args.workers, cache=args.cache)
     print(f"training set: {len(features)} scenes ({time.perf_counter() - t0:.0f} s)")
-    t0 = time.perf_counter()
-    model = train(features, mask, target, spec, epochs=args.epochs, seed=args.seed)
-    train_s = time.perf_counter() - t0
+    n_val = max(1, len(features) // 20)  # the split train() holds out
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / MODEL_FILE
-    training = {"scenes": args.scenes, "epochs": args.epochs, "seed": args.seed, "train_s": round(train_s, 1),
-                "torch": torch.__version__, "priors": Priors().__dict__, "signal": SignalConfig().__dict__}
-    spec = ModelSpec(**{**spec.__dict__, "training": json.loads(json.dumps(training))})
-    export_onnx(model, spec, path)
-    print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    if args.calibrate_only:
+        spec = ModelSession(path).spec
+    else:
+        t0 = time.perf_counter()
+        model = train(features, mask, target, spec, epochs=args.epochs, seed=args.seed)
+        train_s = time.perf_counter() - t0
+        training = {"scenes": args.scenes, "epochs": args.epochs, "seed": args.seed, "train_s": round(train_s, 1),
+                    "torch": torch.__version__, "priors": Priors().__dict__, "signal": SignalConfig().__dict__}
+        spec = ModelSpec(**{**spec.__dict__, "training": json.loads(json.dumps(training))})
+        export_onnx(model, spec, path)
+        print(f"wrote {path} ({path.stat().st_size / 1024:.0f} KiB)")
+    uncertainty = calibrate(path, features[:n_val], mask[:n_val], target[:n_val])
+    print(f"predictive family from {n_val} held-out training scenes: {uncertainty}")
+    spec = ModelSpec(**{**spec.__dict__, "uncertainty": uncertainty})
+    write_metadata(path, spec)
     if args.eval_scenes:
         from .evaluation import evaluate, write_model_card
 
         report = evaluate(path, scenes=args.eval_scenes, seed=args.eval_seed)
         spec = ModelSpec(**{**spec.__dict__, "card": report.card()})
-        export_onnx(model, spec, path)
+        write_metadata(path, spec)
         write_model_card(report, spec, args.out / "MODEL_CARD.md")
         print(report.table())
     return 0

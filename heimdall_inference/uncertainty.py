@@ -2,7 +2,9 @@
 
 For a 2-D Gaussian with covariance ``P`` the region ``d^T P^-1 d <= k^2`` holds probability
 ``p = chi2.cdf(k^2, 2)``, so the ellipse scale for confidence ``p`` is ``k = sqrt(chi2.ppf(p, 2))``
-(2.447 for 95 %), computed here from scipy, not read from a table. The semi-axes are ``k`` times the
+(2.447 for 95 %), computed here from scipy, not read from a table. A model whose metadata declares
+a Student-t predictive distribution (``uncertainty: {"family": "student_t", "dof": nu}``) gets the
+same ellipse shape with the F-distribution radius (see :func:`ellipse_scale`). The semi-axes are ``k`` times the
 square roots of ``P``'s eigenvalues; the orientation is the major axis' bearing, degrees clockwise
 from true north, in [0, 180).
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.stats import chi2
+from scipy.stats import f as f_dist
 
 from .network import Network
 
@@ -45,9 +48,19 @@ def covariance_from_params(params: np.ndarray) -> np.ndarray:
     return cov
 
 
-def ellipse_scale(confidence: float | np.ndarray) -> np.ndarray:
-    """Mahalanobis radius k of the 2-D region holding ``confidence``: sqrt(chi2.ppf(p, 2))."""
-    return np.sqrt(chi2.ppf(confidence, 2))
+def ellipse_scale(confidence: float | np.ndarray, dof: float | None = None) -> np.ndarray:
+    """Mahalanobis radius k (in units of the covariance) of the 2-D region holding ``confidence``.
+
+    Gaussian (``dof`` None): ``sqrt(chi2.ppf(p, 2))``. Student-t with ``dof`` degrees of freedom and
+    covariance ``P`` (scale matrix ``P (dof - 2) / dof``): ``d^T P^-1 d * dof / (2 (dof - 2))`` is
+    F(2, dof), so ``k = sqrt(2 f.ppf(p, 2, dof) (dof - 2) / dof)``; it tends to the chi-square
+    radius as ``dof`` grows.
+    """
+    if dof is None or not np.isfinite(dof):
+        return np.sqrt(chi2.ppf(confidence, 2))
+    if dof <= 2:
+        raise ValueError("a Student-t covariance needs more than 2 degrees of freedom")
+    return np.sqrt(2.0 * f_dist.ppf(confidence, 2, dof) * (dof - 2.0) / dof)
 
 
 def mahalanobis_sq(delta: np.ndarray, cov: np.ndarray) -> np.ndarray:
@@ -63,17 +76,19 @@ def _axes(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.maximum(vals[..., 1], 0.0), np.maximum(vals[..., 0], 0.0), bearing
 
 
-def ellipses(cov: np.ndarray, confidences: tuple[float, ...] = DEFAULT_CONFIDENCES) -> list[Ellipse]:
-    """The confidence ellipses of one 2x2 covariance."""
+def ellipses(cov: np.ndarray, confidences: tuple[float, ...] = DEFAULT_CONFIDENCES,
+             dof: float | None = None) -> list[Ellipse]:
+    """The confidence ellipses of one 2x2 covariance (Gaussian, or Student-t with ``dof``)."""
     vmaj, vmin, bearing = _axes(np.asarray(cov, float))
     return [Ellipse(confidence=p, semi_major_m=float(k * np.sqrt(vmaj)), semi_minor_m=float(k * np.sqrt(vmin)),
                     orientation_deg=float(bearing))
-            for p, k in zip(confidences, ellipse_scale(np.asarray(confidences)))]
+            for p, k in zip(confidences, np.atleast_1d(ellipse_scale(np.asarray(confidences), dof)))]
 
 
-def ellipse_polygon_enu(center_enu: np.ndarray, cov: np.ndarray, confidence: float, points: int = 72) -> np.ndarray:
+def ellipse_polygon_enu(center_enu: np.ndarray, cov: np.ndarray, confidence: float, points: int = 72,
+                        dof: float | None = None) -> np.ndarray:
     """[points + 1, 2] closed ring of east/north metres on the ellipse boundary."""
-    k = ellipse_scale(confidence)
+    k = ellipse_scale(confidence, dof)
     vals, vecs = np.linalg.eigh(np.asarray(cov, float))
     theta = np.linspace(0.0, 2.0 * np.pi, points, endpoint=False)
     unit = np.stack([np.cos(theta), np.sin(theta)], axis=1) * np.sqrt(np.maximum(vals, 0.0))
@@ -82,9 +97,9 @@ def ellipse_polygon_enu(center_enu: np.ndarray, cov: np.ndarray, confidence: flo
 
 
 def ellipse_geojson(network: Network, center_enu: np.ndarray, cov: np.ndarray, confidence: float = 0.95,
-                    points: int = 72) -> dict:
+                    points: int = 72, dof: float | None = None) -> dict:
     """A GeoJSON Feature whose Polygon is the ellipse in lon/lat (through the tangent plane)."""
-    ring = ellipse_polygon_enu(center_enu, cov, confidence, points)
+    ring = ellipse_polygon_enu(center_enu, cov, confidence, points, dof)
     lat, lon = network.to_geodetic(ring[:, 0], ring[:, 1])
     coords = [[round(float(x), 6), round(float(y), 6)] for x, y in zip(lon, lat)]
     coords[-1] = coords[0]

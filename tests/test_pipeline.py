@@ -47,7 +47,7 @@ def test_single_fix_document(localizer, scenes_and_payloads):
     assert np.all(np.linalg.eigvalsh(cov) > 0)
     e68, e95 = u["ellipses"]
     assert (e68["confidence"], e95["confidence"]) == (0.68, 0.95)
-    ratio = ellipse_scale(0.95) / ellipse_scale(0.68)
+    ratio = ellipse_scale(0.95, localizer.spec.dof) / ellipse_scale(0.68, localizer.spec.dof)
     assert e95["semi_major_m"] / e68["semi_major_m"] == pytest.approx(ratio, rel=1e-3)
     assert e95["semi_major_m"] >= e95["semi_minor_m"] > 0
     lat, lon = spec_lat_lon(localizer, fix)
@@ -77,7 +77,7 @@ def test_ellipses_cover_the_truth_about_as_often_as_they_claim(localizer, scenes
     truth = np.stack([scenes.east_m, scenes.north_m], axis=1)
     est = np.array([[f["position"]["east_m"], f["position"]["north_m"]] for f in fixes])
     cov = np.array([f["uncertainty"]["covariance_enu_m2"] for f in fixes])
-    inside95 = mahalanobis_sq(truth - est, cov) <= ellipse_scale(0.95) ** 2
+    inside95 = mahalanobis_sq(truth - est, cov) <= ellipse_scale(0.95, localizer.spec.dof) ** 2
     # 40 scenes: a calibrated 95 % ellipse misses binomially ~2 times; 6 or more misses is p < 0.01
     assert inside95.sum() >= 34
 

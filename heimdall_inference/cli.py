@@ -5,7 +5,9 @@
     heimdall-inference evaluate --scenes 1000                      # model vs grid posterior vs CRB
     heimdall-inference bench --in-process                          # the pipeline's own limit
     heimdall-inference model info
-    heimdall-inference demo                                        # simulate, locate, tabulate, draw
+    heimdall-inference demo                                        # the service, embedded: tasks + chord
+    heimdall-inference db init                                     # predictions + rejections tables
+    heimdall-inference submit scenes/scene-0000.json               # through the broker (HEIMDALL_* env)
 """
 
 from __future__ import annotations
@@ -57,12 +59,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None)
     _add_model(p)
 
+    p = sub.add_parser("submit", help="publish payload files as heimdall.predict tasks and print the fixes")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--timeout-s", type=float, default=30.0)
+
+    p = sub.add_parser("db", help="database schema")
+    p.add_argument("action", choices=("init",))
+
     p = sub.add_parser("model", help="model information")
     p.add_argument("action", choices=("info",))
     _add_model(p)
 
-    p = sub.add_parser("demo", help="simulate transmissions, locate them in-process, print a table, draw a map")
-    p.add_argument("--count", type=int, default=8)
+    p = sub.add_parser("demo", help="the service on this machine alone: a real worker on an embedded broker, "
+                                    "simulated transmissions as tasks and a batch chord, a table and a map")
+    p.add_argument("--count", type=int, default=8, help="single heimdall.predict tasks")
+    p.add_argument("--batch", type=int, default=64, help="payloads in the batch chord")
+    p.add_argument("--data-dir", type=Path, default=None, help="broker/results/SQLite folder (default: a temp dir)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--plot", type=Path, default=Path("heimdall-demo.png"))
     _add_model(p)
@@ -136,6 +148,35 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from .client import submit
+    from .codec import loads_raw
+    from .errors import PayloadError
+
+    status = 0
+    pending = [(f, submit(loads_raw(f.read_bytes(), 64 * 1024 * 1024))) for f in args.files]
+    for f, res in pending:
+        try:
+            print(json.dumps(res.get(timeout=args.timeout_s)))
+        except PayloadError as exc:
+            print(json.dumps({"file": str(f), "task_id": res.id, "error": exc.to_dict()}))
+            status = 2
+    return status
+
+
+def _db(args: argparse.Namespace) -> int:
+    from .settings import Settings
+    from .store import open_store
+
+    s = Settings.from_env()
+    store = open_store(s.database_url, schema=s.db_schema)
+    try:
+        print(json.dumps(store.init_schema()))
+    finally:
+        store.close()
+    return 0
+
+
 def _model(args: argparse.Namespace) -> int:
     from .session import ModelSession
 
@@ -144,46 +185,17 @@ def _model(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import numpy as np
+    from .embedded import run_demo
 
-    from .codec import dumps
-    from .pipeline import Localizer
-    from .simulator import SignalConfig, scene_payloads, simulate
-    from .uncertainty import ellipse_scale, mahalanobis_sq
-
-    loc = Localizer(args.model)
-    net = loc.spec.network
-    scenes, iq = simulate(net, args.count, args.seed)
-    docs = scene_payloads(scenes, iq, net, SignalConfig(), seed=args.seed, binary=True)
-    fixes = loc.predict_many([dumps(d, "msgpack") for d in docs])
-    print(f"{'#':>2} {'rx':>2} {'true lat':>9} {'true lon':>9} {'fix lat':>9} {'fix lon':>9} {'error km':>8} "
-          f"{'95% ellipse km':>15}  inside95")
-    errs = []
-    for i, fix in enumerate(fixes):
-        t = scenes.truth(i, net)
-        e = float(np.hypot(fix["position"]["east_m"] - t["east_m"], fix["position"]["north_m"] - t["north_m"]) / 1e3)
-        errs.append(e)
-        el = fix["uncertainty"]["ellipses"][-1]
-        cov = np.array(fix["uncertainty"]["covariance_enu_m2"])
-        d = np.array([t["east_m"] - fix["position"]["east_m"], t["north_m"] - fix["position"]["north_m"]])
-        inside = float(mahalanobis_sq(d, cov)) <= float(ellipse_scale(0.95)) ** 2
-        print(f"{i:>2} {len(t['online']):>2} {t['lat']:>9.4f} {t['lon']:>9.4f} {fix['position']['lat']:>9.4f} "
-              f"{fix['position']['lon']:>9.4f} {e:>8.1f} {el['semi_major_m'] / 1e3:>6.1f} x {el['semi_minor_m'] / 1e3:>5.1f}"
-              f"  {'yes' if inside else 'no'}")
-    print(f"median error {np.median(errs):.1f} km over {len(errs)} simulated transmissions "
-          f"(model {loc.spec.name} v{loc.spec.version})")
-    if args.plot:
-        from .plot import plot_fixes
-
-        plot_fixes(net, fixes, args.plot, truths=[scenes.truth(i, net) for i in range(len(fixes))])
-        print(f"map written to {args.plot}")
+    run_demo(count=args.count, batch=args.batch, seed=args.seed, plot=args.plot, model=args.model,
+             data_dir=args.data_dir)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler = {"simulate": _simulate, "predict": _predict, "evaluate": _evaluate, "bench": _bench,
-               "model": _model, "demo": _demo}[args.command]
+               "model": _model, "demo": _demo, "submit": _submit, "db": _db}[args.command]
     return handler(args)
 
 

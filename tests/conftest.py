@@ -49,3 +49,38 @@ def payload_bytes(payload) -> bytes:
 
 def error_km(fix: dict, truth_east_m: float, truth_north_m: float) -> float:
     return float(np.hypot(fix["position"]["east_m"] - truth_east_m, fix["position"]["north_m"] - truth_north_m) / 1e3)
+
+
+@pytest.fixture(scope="session")
+def live(tmp_path_factory):
+    """Own vhost, Redis prefix and schema on the real servers; the client app pointed at them."""
+    from heimdall_inference.embedded import configure_app
+    from heimdall_inference.settings import Settings
+    from heimdall_inference.store import open_store
+
+    from .live import drop_live, make_live
+
+    servers = make_live("svc")
+    store = open_store(servers.settings.database_url, schema=servers.schema)
+    store.init_schema()
+    configure_app(servers.settings)
+    try:
+        yield servers, store
+    finally:
+        configure_app(Settings.from_env())
+        store.close()
+        drop_live(servers)
+
+
+@pytest.fixture(scope="session")
+def live_worker(live, tmp_path_factory):
+    """A real prefork worker (2 children) on the live servers."""
+    from .live import WorkerProcess
+
+    servers, _ = live
+    worker = WorkerProcess(servers.settings, tmp_path_factory.mktemp("worker") / "worker.log")
+    try:
+        worker.wait_ready()
+        yield worker
+    finally:
+        worker.stop()

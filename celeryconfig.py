@@ -1,0 +1,83 @@
+"""Celery settings for heimdall-inference (``celery -A heimdall_inference worker`` reads this module).
+
+Everything environment-specific comes from ``HEIMDALL_*`` variables through
+:class:`heimdall_inference.settings.Settings`; each setting below says why it is what it is.
+:func:`build` makes the same settings for any Settings object (tests, the embedded default).
+"""
+
+from pathlib import Path
+from typing import Any
+
+import heimdall_inference.fs_transport  # noqa: F401  (registers heimdallfs://)
+from heimdall_inference.settings import Settings
+from heimdall_inference.topology import is_amqp, work_queue
+
+
+def build(s: Settings) -> dict[str, Any]:
+    amqp = is_amqp(s.broker_url)
+    conf: dict[str, Any] = dict(
+        broker_url=s.broker_url,
+        result_backend=s.result_backend,
+        # JSON and msgpack only: pickle would let whoever can publish run code in the worker.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json", "msgpack"],
+        result_accept_content=["json", "msgpack"],
+        # Acknowledge after the task ran, and requeue when the child dies, so a killed child's task
+        # is redelivered instead of lost; the quorum queue's delivery limit ends poison loops.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Fixes take about a millisecond: a few reserved messages per child hide the broker round
+        # trip without parking many messages in one child while others idle.
+        worker_prefetch_multiplier=s.prefetch_multiplier,
+        # Keep retrying the broker at start-up (compose starts RabbitMQ and the workers together).
+        broker_connection_retry_on_startup=True,
+        # Far below RabbitMQ's consumer_timeout (30 min): a stuck task is killed and redelivered.
+        task_soft_time_limit=s.task_soft_time_limit_s,
+        task_time_limit=s.task_time_limit_s,
+        # Results are read once by the producer: keep them an hour, not forever.
+        result_expires=s.result_expires_s,
+        # Task name and arguments' shape in the result meta, for Flower and debugging.
+        result_extended=True,
+        # Events for Flower.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        # STARTED state when a child picks a task up (latency split, Flower).
+        task_track_started=True,
+        # Children are recycled by memory, not by task count: the warm model is worth keeping.
+        worker_max_memory_per_child=1_500_000,  # KiB
+        worker_hijack_root_logger=False,
+        # A quorum work queue on a topic exchange, dead letters to heimdall.dead (topology module);
+        # every task goes to the work queue, and no queue is created by accident.
+        task_queues=(work_queue(s),),
+        task_default_queue=s.queue,
+        task_default_exchange="heimdall",
+        task_default_exchange_type="topic",
+        task_default_routing_key=f"{s.queue}.task",
+        task_create_missing_queues=False,
+    )
+    # Every key below is always set, so that build() also reconfigures an app configured before.
+    conf["result_backend_transport_options"] = {}
+    conf["broker_transport_options"] = {}
+    conf["worker_detect_quorum_queues"] = amqp
+    if s.result_backend.startswith(("redis://", "rediss://")):
+        # One key prefix for everything this deployment keeps in Redis (results and the cache).
+        conf["result_backend_transport_options"] = {"global_keyprefix": s.redis_key_prefix}
+    if amqp:
+        # Publisher confirms: a publish returns once RabbitMQ has the message (quorum queues need it).
+        conf["broker_transport_options"] = {"confirm_publish": True}
+        # (worker_detect_quorum_queues above: quorum queues cannot do global QoS, so Celery detects
+        # them and uses per-consumer prefetch.)
+    elif s.broker_url.startswith(("filesystem://", "heimdallfs://")):
+        # The embedded default: kombu's filesystem transport (heimdallfs: with atomic publishes), one
+        # folder for the queue.
+        d = Path(s.data_dir or ".heimdall") / "broker"
+        for sub in ("queue", "processed", "control"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {"data_folder_in": str(d / "queue"), "data_folder_out": str(d / "queue"),
+                                            "processed_folder": str(d / "processed"), "store_processed": False,
+                                            "control_folder": str(d / "control"), "polling_interval": 0.05}
+    return conf
+
+
+globals().update(build(Settings.from_env()))

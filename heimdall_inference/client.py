@@ -1,0 +1,56 @@
+"""Producer-side helpers for Python clients.
+
+    from heimdall_inference.client import submit, predict, predict_batch
+    fix = predict(payload, timeout_s=10)              # publish, wait, return heimdall.fix/v1
+    result = submit(payload)                          # AsyncResult
+    summary = predict_batch(payloads, chunk_size=64)  # chord over chunks; fixes land in the database
+
+Payloads are ``heimdall.iq/v1`` dicts (base64 arrays, JSON) or dicts with raw bytes (msgpack).
+A producer that is not Python publishes the same Celery message (see the README).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from celery.result import AsyncResult
+
+from .tasks import SENT_AT_HEADER, batch_signature
+from .tasks import predict as predict_task
+
+__all__ = ["submit", "predict", "predict_batch", "serializer_for"]
+
+
+def serializer_for(payload: Any) -> str:
+    """msgpack when the payload carries raw bytes, else JSON."""
+    def has_bytes(v: Any) -> bool:
+        if isinstance(v, (bytes, bytearray)):
+            return True
+        if isinstance(v, dict):
+            return any(has_bytes(x) for x in v.values())
+        if isinstance(v, list):
+            return any(has_bytes(x) for x in v)
+        return False
+
+    return "msgpack" if has_bytes(payload) else "json"
+
+
+def submit(payload: dict[str, Any] | bytes, *, task_id: str | None = None, **options: Any) -> AsyncResult:
+    """Publish one ``heimdall.predict`` task; returns its AsyncResult."""
+    headers = {SENT_AT_HEADER: time.time(), **options.pop("headers", {})}
+    return predict_task.apply_async((payload,), task_id=task_id, serializer=options.pop("serializer", None)
+                                    or serializer_for(payload), headers=headers, **options)
+
+
+def predict(payload: dict[str, Any] | bytes, *, timeout_s: float = 30.0) -> dict[str, Any]:
+    """Publish and wait: the fix, or the task's PayloadError raised here."""
+    return submit(payload).get(timeout=timeout_s, propagate=True)
+
+
+def predict_batch(payloads: list[Any], *, chunk_size: int = 64, timeout_s: float = 600.0,
+                  wait: bool = True) -> dict[str, Any] | AsyncResult:
+    """Fan a batch out as a chord of ``heimdall.predict_chunk`` and wait for the summary."""
+    sig = batch_signature(payloads, chunk_size, serializer_for(payloads[:1]))
+    result = sig.apply_async()
+    return result.get(timeout=timeout_s) if wait else result

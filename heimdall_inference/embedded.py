@@ -1,0 +1,155 @@
+"""The embedded default: the real service on this machine alone, with no servers.
+
+A real ``celery -A heimdall_inference worker`` process (prefork) runs on kombu's filesystem
+transport, with Celery's file result backend and a SQLite ``predictions`` table, all in one data
+folder. Simulated transmissions are submitted as single ``heimdall.predict`` tasks and as one batch
+chord; the demo prints true vs predicted positions and writes the map picture.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .settings import Settings
+
+__all__ = ["WorkerProcess", "configure_app", "run_demo"]
+
+
+class WorkerProcess:
+    """A real ``celery -A heimdall_inference worker`` subprocess with the given settings."""
+
+    def __init__(self, settings: Settings, log_path: Path, *, concurrency: int = 2,
+                 extra_env: dict[str, str] | None = None) -> None:
+        root = Path(__file__).resolve().parent.parent
+        env = {**os.environ, **settings.to_env(), **(extra_env or {})}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "wb")
+        self.name = f"heimdall-{uuid.uuid4().hex[:8]}@%h"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "heimdall_inference", "worker", "--pool", "prefork",
+             "--concurrency", str(concurrency), "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+             "-n", self.name],
+            cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        """Block until the worker logs that it is ready (raises if it exits or times out)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}:\n{self.log()}")
+            if b" ready." in self.log_path.read_bytes():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"worker not ready after {timeout_s} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """Warm shutdown (SIGTERM: finish running tasks), then kill if it hangs."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def configure_app(settings: Settings):
+    """Point this process' Celery app (the producer side) at ``settings``, dropping cached clients.
+
+    The app caches its producer pool, result backend and queue router; a process that switches
+    configuration (the demo, the tests) must drop them or keep talking to the old servers.
+    """
+    import celeryconfig
+
+    from .celery import app
+
+    app.conf.update(celeryconfig.build(settings))
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app._backend_cache = None
+    app._local = threading.local()
+    app.__dict__.pop("amqp", None)
+    return app
+
+
+def run_demo(*, count: int = 8, batch: int = 64, seed: int = 42, plot: Path | None = None,
+             model: Path | None = None, data_dir: Path | None = None, out=print) -> dict[str, Any]:
+    """Start a worker on the embedded transport, submit tasks and a chord, report; returns figures."""
+    from .client import predict_batch, submit
+    from .network import reference_network
+    from .simulator import SignalConfig, scene_payloads, simulate
+    from .store import open_store
+    from .result import covers
+
+    d = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="heimdall-embedded-"))
+    settings = Settings.embedded(d, model_path=str(model or ""))
+    (d / "results").mkdir(parents=True, exist_ok=True)
+    store = open_store(settings.database_url)
+    store.init_schema()
+    configure_app(settings)
+    t0 = time.perf_counter()
+    worker = WorkerProcess(settings, d / "worker.log")
+    try:
+        worker.wait_ready()
+        ready_s = time.perf_counter() - t0
+        out(f"embedded worker ready in {ready_s:.1f} s (filesystem broker, file results, SQLite) in {d}")
+        net = reference_network()
+        signal = SignalConfig()
+        scenes, iq = simulate(net, count, seed)
+        docs = scene_payloads(scenes, iq, net, signal, seed=seed, request_prefix=f"demo-{uuid.uuid4().hex[:6]}")
+        t1 = time.perf_counter()
+        results = [submit(doc) for doc in docs]
+        fixes = [r.get(timeout=60) for r in results]
+        single_s = time.perf_counter() - t1
+        out(f"\n{count} heimdall.predict tasks in {single_s:.2f} s\n")
+        out(f"{'#':>2} {'rx':>2} {'true lat':>9} {'true lon':>9} {'fix lat':>9} {'fix lon':>9} {'error km':>8} "
+            f"{'95% ellipse km':>15}  inside95")
+        errors, inside = [], []
+        for i, fix in enumerate(fixes):
+            t = scenes.truth(i, net)
+            e = float(np.hypot(t["east_m"] - fix["position"]["east_m"], t["north_m"] - fix["position"]["north_m"]) / 1e3)
+            ok = covers(fix, t["east_m"], t["north_m"], 0.95)
+            errors.append(e)
+            inside.append(ok)
+            el = fix["uncertainty"]["ellipses"][-1]
+            out(f"{i:>2} {len(t['online']):>2} {t['lat']:>9.4f} {t['lon']:>9.4f} {fix['position']['lat']:>9.4f} "
+                f"{fix['position']['lon']:>9.4f} {e:>8.1f} {el['semi_major_m'] / 1e3:>6.1f} x "
+                f"{el['semi_minor_m'] / 1e3:>5.1f}  {'yes' if ok else 'no'}")
+        out(f"median error {np.median(errors):.1f} km; {sum(inside)}/{len(inside)} inside their 95 % ellipse")
+        bscenes, biq = simulate(net, batch, seed + 1)
+        bdocs = scene_payloads(bscenes, biq, net, signal, seed=seed + 1, request_prefix=None)
+        before = store.count_fixes()
+        t2 = time.perf_counter()
+        summary = predict_batch(bdocs, chunk_size=16, timeout_s=120)
+        batch_s = time.perf_counter() - t2
+        rows = store.count_fixes() - before
+        out(f"\nbatch chord: {summary['payloads']} payloads in {summary['chunks']} chunks -> {summary['fixes']} fixes, "
+            f"{summary['errors']} errors, {rows} new rows in {settings.database_url} ({batch_s:.2f} s)")
+        if plot:
+            from .plot import plot_fixes
+
+            plot_fixes(net, fixes, plot, truths=[scenes.truth(i, net) for i in range(len(fixes))],
+                       title=f"heimdall embedded demo: {count} fixes")
+            out(f"map written to {plot}")
+        return {"ready_s": ready_s, "errors_km": errors, "inside95": inside, "batch": summary, "rows": rows,
+                "data_dir": str(d)}
+    finally:
+        worker.stop()
+        store.close()

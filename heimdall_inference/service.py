@@ -1,0 +1,169 @@
+"""What a worker process does with a payload, without Celery: decode, cache, locate, store.
+
+Tasks are thin wrappers over :class:`Service`. Invalid input raises :class:`PayloadError` after
+being recorded in the ``rejections`` table; store failures surface as :class:`TransientError`
+(retry with backoff) or :class:`StorageError`; the cache never fails a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .cache import FixCache
+from .errors import PayloadError
+from .payload import DecodedPayload
+from .pipeline import Localizer, RawPayload
+from .store import Store, fix_row, rejection_row
+
+__all__ = ["Service", "Counters"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Counters:
+    """Per-process counts (exported as metrics)."""
+
+    fixes: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    stored_new: int = 0
+    stored_duplicate: int = 0
+
+
+class Service:
+    """One worker process' pipeline around a warm :class:`Localizer`."""
+
+    def __init__(self, localizer: Localizer, store: Store, cache: FixCache | None = None, *,
+                 alias: str | None = None) -> None:
+        self.localizer = localizer
+        self.store = store
+        self.cache = cache
+        self.alias = alias
+        self.counters = Counters()
+
+    @property
+    def model_version(self) -> str:
+        return self.localizer.spec.version
+
+    def model_info(self) -> dict[str, Any]:
+        return {**self.localizer.session.info(), "alias": self.alias}
+
+    # -- single payloads ----------------------------------------------------------------------
+    def predict(self, payload: RawPayload, *, task_id: str | None, sent_at_s: float | None = None) -> dict[str, Any]:
+        """One payload -> one stored fix (idempotent on request id, else task id)."""
+        t0 = time.time()
+        decoded = self._decode_or_record(payload, task_id)
+        t1 = time.time()
+        fix = self._cached(decoded, task_id)
+        if fix is None:
+            fix = self.localizer.fixes([decoded], decode_ms=(t1 - t0) * 1e3, task_ids=[task_id], alias=self.alias)[0]
+            self._cache_put(decoded, fix)
+        else:
+            fix["timings_ms"]["decode"] = round((t1 - t0) * 1e3, 3)
+        if sent_at_s is not None:
+            fix["timings_ms"]["queue"] = round(max(0.0, t0 - sent_at_s) * 1e3, 3)
+        self._store([fix])
+        self.counters.fixes += 1
+        return fix
+
+    def _decode_or_record(self, payload: RawPayload, task_id: str | None) -> DecodedPayload:
+        try:
+            return self.localizer.decode(payload)
+        except PayloadError as exc:
+            self._reject(exc, payload, task_id)
+            raise
+
+    def _reject(self, exc: PayloadError, payload: RawPayload, task_id: str | None) -> None:
+        self.counters.rejected[exc.code] = self.counters.rejected.get(exc.code, 0) + 1
+        receivers, request_id = [], None
+        if isinstance(payload, dict):
+            rid = payload.get("request_id")
+            request_id = rid[:128] if isinstance(rid, str) else None
+            recs = payload.get("receivers")
+            if isinstance(recs, list):
+                receivers = [r["id"][:64] for r in recs[:16] if isinstance(r, dict) and isinstance(r.get("id"), str)]
+        size = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else exc.context.get("size_bytes")
+        try:
+            self.store.write_rejections([rejection_row(exc.to_dict(), task_id=task_id, request_id=request_id,
+                                                       receivers=receivers, size_bytes=size)])
+        except Exception:  # recording must not turn a clean rejection into a crash
+            log.exception("could not record a rejected payload (%s)", exc.code)
+
+    def _cached(self, decoded: DecodedPayload, task_id: str | None) -> dict[str, Any] | None:
+        if self.cache is None or not decoded.options.cache:
+            return None
+        hit = self.cache.get(self.model_version, decoded.digest)
+        if hit is None:
+            self.counters.cache_misses += 1
+            return None
+        self.counters.cache_hits += 1
+        hit.update(task_id=task_id, request_id=decoded.request_id, captured_at=decoded.captured_at, cached=True,
+                   timings_ms={"features": 0.0, "inference": 0.0})
+        hit["model"]["alias"] = self.alias
+        return hit
+
+    def _cache_put(self, decoded: DecodedPayload, fix: dict[str, Any]) -> None:
+        if self.cache is not None and decoded.options.cache:
+            self.cache.put(self.model_version, decoded.digest, fix)
+
+    def _store(self, fixes: list[dict[str, Any]]) -> None:
+        t0 = time.perf_counter()
+        rows = [fix_row(f) for f in fixes]
+        new = self.store.write_fixes(rows)
+        self.counters.stored_new += new
+        self.counters.stored_duplicate += len(rows) - new
+        ms = (time.perf_counter() - t0) * 1e3 / max(1, len(fixes))
+        for f in fixes:
+            f["timings_ms"]["store"] = round(ms, 3)
+
+    # -- chunks ---------------------------------------------------------------------------------
+    def predict_chunk(self, payloads: Sequence[RawPayload], *, task_id: str | None,
+                      offset: int = 0) -> dict[str, Any]:
+        """Many payloads, one vectorised pass, one database transaction; returns a small summary.
+
+        A payload without a request id is keyed ``<task id>:<index>`` so that a redelivered chunk
+        writes nothing twice.
+        """
+        t0 = time.perf_counter()
+        decoded: list[DecodedPayload] = []
+        keys: list[str | None] = []
+        errors: list[dict[str, Any]] = []
+        for i, p in enumerate(payloads):
+            try:
+                decoded.append(self._decode_or_record(p, task_id))
+                keys.append(f"{task_id}:{offset + i}" if task_id else None)
+            except PayloadError as exc:
+                errors.append({"index": offset + i, **exc.to_dict()})
+        t1 = time.perf_counter()
+        fixes = self.localizer.fixes(decoded, decode_ms=(t1 - t0) * 1e3, task_ids=keys, alias=self.alias)
+        t2 = time.perf_counter()
+        if fixes:
+            self._store(fixes)
+        t3 = time.perf_counter()
+        self.counters.fixes += len(fixes)
+        return {"payloads": len(payloads), "fixes": len(fixes), "errors": errors,
+                "timings_ms": {"decode": round((t1 - t0) * 1e3, 3), "locate": round((t2 - t1) * 1e3, 3),
+                               "store": round((t3 - t2) * 1e3, 3)}}
+
+    def close(self) -> None:
+        self.store.close()
+        if self.cache is not None:
+            self.cache.close()
+
+
+def summarize(chunks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The chord callback's summary over chunk summaries."""
+    errors = [e for c in chunks for e in c.get("errors", [])]
+    timings: dict[str, float] = {}
+    for c in chunks:
+        for k, v in c.get("timings_ms", {}).items():
+            timings[k] = round(timings.get(k, 0.0) + v, 3)
+    return {"schema": "heimdall.batch/v1", "chunks": len(chunks), "payloads": sum(c["payloads"] for c in chunks),
+            "fixes": sum(c["fixes"] for c in chunks), "errors": len(errors), "error_details": errors[:100],
+            "timings_ms": timings}

@@ -1,0 +1,25 @@
+"""Where fixes and rejections are stored: PostgreSQL/TimescaleDB, SQLite (embedded), memory (tests).
+
+:func:`open_store` picks the backend from the database URL's scheme.
+"""
+
+from __future__ import annotations
+
+from .base import MemoryStore, Store, fix_row, rejection_row
+
+__all__ = ["Store", "MemoryStore", "fix_row", "rejection_row", "open_store"]
+
+
+def open_store(database_url: str, *, schema: str = "public", pool_max: int = 4) -> Store:
+    """A store for ``postgresql://…``, ``sqlite:///path`` or ``memory://``."""
+    if database_url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(database_url, schema=schema, pool_max=pool_max)
+    if database_url.startswith("sqlite:///"):
+        from .sqlite import SqliteStore
+
+        return SqliteStore(database_url.removeprefix("sqlite:///"))
+    if database_url.startswith("memory://"):
+        return MemoryStore()
+    raise ValueError(f"unsupported database URL scheme: {database_url.split(':', 1)[0]!r}")

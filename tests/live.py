@@ -1,0 +1,128 @@
+"""Real servers for integration tests: an own RabbitMQ vhost, Redis key prefix and PostgreSQL schema.
+
+A server that is not reachable skips its tests on a laptop, and fails them under CI (``CI`` set).
+Every resource a test run makes is removed at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from heimdall_inference.settings import Settings
+
+PG_URL = os.environ.get("HEIMDALL_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("HEIMDALL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+RABBIT_HOST = os.environ.get("HEIMDALL_TEST_RABBIT", "127.0.0.1:5672")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def unavailable(what: str) -> None:
+    """Skip on a developer machine without the server; fail in CI, where it must be there."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required in CI but not reachable")
+    pytest.skip(f"{what} not reachable")
+
+
+def port_open(hostport: str) -> bool:
+    host, port = hostport.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@dataclass
+class LiveServers:
+    settings: Settings
+    vhost: str
+    schema: str
+    prefix: str
+
+
+def make_live(tag: str) -> LiveServers:
+    if not port_open(RABBIT_HOST):
+        unavailable("RabbitMQ")
+    if not port_open(PG_URL.split("@", 1)[1].split("/", 1)[0]):
+        unavailable("PostgreSQL")
+    if not port_open(REDIS_URL.split("//", 1)[1].split("/", 1)[0]):
+        unavailable("Redis")
+    uid = uuid.uuid4().hex[:10]
+    vhost = f"heimdall-test-{tag}-{uid}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    prefix = f"heimdall-test-{uid}:"
+    schema = f"t_{tag}_{uid}"
+    s = Settings(broker_url=f"amqp://guest:guest@{RABBIT_HOST}/{vhost}", result_backend=REDIS_URL, cache_url=REDIS_URL,
+                 redis_key_prefix=prefix, database_url=PG_URL, db_schema=schema, prefetch_multiplier=4)
+    return LiveServers(settings=s, vhost=vhost, schema=schema, prefix=prefix)
+
+
+def drop_live(live: LiveServers) -> None:
+    import redis
+
+    from heimdall_inference.store.postgres import PostgresStore
+
+    try:
+        rabbitmqctl("delete_vhost", live.vhost)
+    finally:
+        r = redis.Redis.from_url(REDIS_URL)
+        keys = list(r.scan_iter(f"{live.prefix}*", count=1000))
+        if keys:
+            r.delete(*keys)
+        r.close()
+        store = PostgresStore(PG_URL, schema=live.schema)
+        store.drop_schema()
+        store.close()
+
+
+class WorkerProcess:
+    """A real ``celery -A heimdall_inference worker`` subprocess."""
+
+    def __init__(self, settings: Settings, log_path: Path, *, concurrency: int = 2, extra_env: dict | None = None):
+        env = {**os.environ, **settings.to_env(), **(extra_env or {})}
+        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.name = f"test-{uuid.uuid4().hex[:8]}@%h"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "heimdall_inference", "worker", "--pool", "prefork",
+             "--concurrency", str(concurrency), "--without-gossip", "--without-mingle", "--loglevel", "INFO",
+             "-n", self.name],
+            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited: {self.log()}")
+            if b" ready." in self.log_path.read_bytes():
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready in {timeout_s} s: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # warm shutdown
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()

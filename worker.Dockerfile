@@ -1,0 +1,26 @@
+# heimdall-inference worker: slim, non-root, the reference model baked in (it ships in the package).
+#   docker build -f worker.Dockerfile -t heimdall-inference-worker .
+#   docker run --env-file .env heimdall-inference-worker
+FROM python:3.11-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml setup.cfg README.md celeryconfig.py ./
+COPY heimdall_inference ./heimdall_inference
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[flower]"
+
+FROM python:3.11-slim-bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    OMP_NUM_THREADS=1 \
+    OPENBLAS_NUM_THREADS=1
+RUN groupadd --system --gid 10001 heimdall && useradd --system --uid 10001 --gid heimdall --home-dir /app --shell /usr/sbin/nologin heimdall
+WORKDIR /app
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+COPY celeryconfig.py ./
+USER 10001:10001
+# A worker that answers a broadcast ping is alive and consuming.
+HEALTHCHECK --interval=30s --timeout=15s --start-period=30s --retries=3 \
+  CMD ["sh", "-c", "celery -A heimdall_inference inspect ping -d celery@$HOSTNAME --timeout 10"]
+# SIGTERM = warm shutdown: running tasks finish, unacknowledged ones return to the queue.
+STOPSIGNAL SIGTERM
+CMD ["celery", "-A", "heimdall_inference", "worker", "--loglevel", "INFO", "--concurrency", "2"]

@@ -63,6 +63,8 @@ def build(s: Settings) -> dict[str, Any]:
     if s.result_backend.startswith(("redis://", "rediss://")):
         # One key prefix for everything this deployment keeps in Redis (results and the cache).
         conf["result_backend_transport_options"] = {"global_keyprefix": s.redis_key_prefix}
+    if s.result_backend.startswith("file://"):  # the embedded default's result folder must exist
+        Path(s.result_backend.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
     if amqp:
         # Publisher confirms: a publish returns once RabbitMQ has the message (quorum queues need it).
         conf["broker_transport_options"] = {"confirm_publish": True}

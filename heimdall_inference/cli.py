@@ -4,6 +4,7 @@
     heimdall-inference predict scenes/scene-0000.json --plot map.png
     heimdall-inference evaluate --scenes 1000                      # model vs grid posterior vs CRB
     heimdall-inference bench --in-process                          # the pipeline's own limit
+    heimdall-inference bench --quick --plot bench.png              # the service over HEIMDALL_* servers
     heimdall-inference model info
     heimdall-inference demo                                        # the service, embedded: tasks + chord
     heimdall-inference db init                                     # predictions + rejections tables
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,12 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     _add_model(p)
 
-    p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("--in-process", action="store_true", required=True,
-                   help="the in-process pipeline on one core (the service's limit)")
-    p.add_argument("--batch-sizes", default="1,8,32,128")
-    p.add_argument("--seconds", type=float, default=2.0, help="per batch size")
+    p = sub.add_parser("bench", help="benchmarks: the service over the configured broker, or --in-process")
+    p.add_argument("--in-process", action="store_true",
+                   help="only the in-process pipeline on one core (the service's limit)")
+    p.add_argument("--batch-sizes", default="1,8,32,128", help="--in-process batch sizes")
+    p.add_argument("--seconds", type=float, default=2.0, help="--in-process seconds per batch size")
+    p.add_argument("--quick", action="store_true", help="service bench in under two minutes")
+    p.add_argument("--tiny", action="store_true", help="service bench in seconds (accounting checks)")
+    p.add_argument("--embedded", action="store_true", help="service bench on the embedded transport (no servers)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="worker children")
+    p.add_argument("--no-start-worker", action="store_true", help="use workers that are already running")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="latency vs load, throughput vs concurrency (PNG)")
     _add_model(p)
 
     p = sub.add_parser("submit", help="publish payload files as heimdall.predict tasks and print the fixes")
@@ -138,14 +146,31 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from .bench_inprocess import bench_in_process, format_in_process
+    if args.in_process:
+        from .bench_inprocess import bench_in_process, format_in_process
 
-    sizes = tuple(int(x) for x in args.batch_sizes.split(","))
-    report = bench_in_process(args.model, batch_sizes=sizes, seconds_per_size=args.seconds)
-    print(format_in_process(report))
+        sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+        report = bench_in_process(args.model, batch_sizes=sizes, seconds_per_size=args.seconds)
+        print(format_in_process(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
+    import tempfile
+
+    from .bench_service import BenchConfig, format_report, plot_report, save_report, run_service_bench
+    from .settings import Settings
+
+    cfg = (BenchConfig.tiny if args.tiny else BenchConfig.quick if args.quick else BenchConfig)(workers=args.workers)
+    tmp = Path(tempfile.mkdtemp(prefix="heimdall-bench-"))
+    settings = Settings.embedded(tmp) if args.embedded else Settings.from_env()
+    report = run_service_bench(settings, cfg, start_worker=not args.no_start_worker, log_dir=tmp,
+                               model=str(args.model or ""), progress=lambda m: print(m, file=sys.stderr))
+    print(format_report(report))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return 0
+        save_report(report, args.json)
+    if args.plot:
+        plot_report(report, args.plot)
+    return 0 if report["accounting"]["lost"] == 0 else 3
 
 
 def _submit(args: argparse.Namespace) -> int:

@@ -100,7 +100,6 @@ def run_demo(*, count: int = 8, batch: int = 64, seed: int = 42, plot: Path | No
 
     d = Path(data_dir) if data_dir else Path(tempfile.mkdtemp(prefix="heimdall-embedded-"))
     settings = Settings.embedded(d, model_path=str(model or ""))
-    (d / "results").mkdir(parents=True, exist_ok=True)
     store = open_store(settings.database_url)
     store.init_schema()
     configure_app(settings)

@@ -8,7 +8,7 @@ import numpy as np
 
 from .payload import DecodedPayload
 from .spec import ModelSpec
-from .uncertainty import DEFAULT_CONFIDENCES, ellipse_geojson, ellipses
+from .uncertainty import DEFAULT_CONFIDENCES, Ellipse, ellipse_axes, ellipse_rings_enu, geojson_polygons
 
 __all__ = ["SCHEMA_FIX", "build_fixes", "ellipse_radius", "covers"]
 
@@ -18,9 +18,20 @@ SCHEMA_FIX = "heimdall.fix/v1"
 def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.ndarray, spec: ModelSpec, *,
                 timings_ms: dict[str, float], task_ids: list[str | None] | None = None,
                 alias: str | None = None) -> list[dict[str, Any]]:
-    """One fix document per payload; ``mean_enu`` [B, 2] metres, ``cov`` [B, 2, 2] m^2."""
-    lat, lon = spec.network.to_geodetic(mean_enu[:, 0], mean_enu[:, 1])
+    """One fix document per payload; ``mean_enu`` [B, 2] metres, ``cov`` [B, 2, 2] m^2 (vectorised)."""
+    if not decoded:
+        return []
+    b = len(decoded)
+    major, minor, bearing = ellipse_axes(cov, DEFAULT_CONFIDENCES, spec.dof)
+    rings = ellipse_rings_enu(mean_enu, cov, DEFAULT_CONFIDENCES[-1], dof=spec.dof)  # [B, N + 1, 2]
+    # one geodetic conversion for the positions and every ring vertex (it dominates small batches)
+    lat_all, lon_all = spec.network.to_geodetic(np.concatenate([mean_enu[:, 0], rings[..., 0].ravel()]),
+                                                np.concatenate([mean_enu[:, 1], rings[..., 1].ravel()]))
+    lat, lon = lat_all[:b], lon_all[:b]
+    shapes = geojson_polygons(lon_all[b:].reshape(rings.shape[:2]), lat_all[b:].reshape(rings.shape[:2]),
+                              DEFAULT_CONFIDENCES[-1])
     task_ids = task_ids or [None] * len(decoded)
+    model = {"name": spec.name, "version": spec.version, "alias": alias}
     out = []
     for i, d in enumerate(decoded):
         c = cov[i]
@@ -33,11 +44,13 @@ def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.nda
                          "east_m": round(float(mean_enu[i, 0]), 1), "north_m": round(float(mean_enu[i, 1]), 1)},
             "uncertainty": {
                 "covariance_enu_m2": [[float(c[0, 0]), float(c[0, 1])], [float(c[1, 0]), float(c[1, 1])]],
-                "ellipses": [e.to_dict() for e in ellipses(c, DEFAULT_CONFIDENCES, spec.dof)],
-                "geojson": ellipse_geojson(spec.network, mean_enu[i], c, DEFAULT_CONFIDENCES[-1], dof=spec.dof),
+                "ellipses": [Ellipse(confidence=p, semi_major_m=float(major[i, j]), semi_minor_m=float(minor[i, j]),
+                                     orientation_deg=float(bearing[i])).to_dict()
+                             for j, p in enumerate(DEFAULT_CONFIDENCES)],
+                "geojson": shapes[i],
             },
             "receivers_used": list(d.receiver_ids),
-            "model": {"name": spec.name, "version": spec.version, "alias": alias},
+            "model": dict(model),
             "cached": False,
             "timings_ms": dict(timings_ms),
         })

@@ -7,6 +7,7 @@
 * ``heimdall.predict_batch(payloads, chunk_size)`` -> replaced by a chord of chunks and a summary.
 * ``heimdall.collect(summaries)`` -> ``heimdall.batch/v1`` summary (the chord callback).
 * ``heimdall.model_info()`` -> the model's name, version, hash, providers and card.
+* ``heimdall.noop()`` -> None: the benchmark's floor.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .errors import PayloadCode, PayloadError, TransientError
 from .service import summarize
 from .worker import get_service
 
-__all__ = ["predict", "predict_chunk", "predict_batch", "collect", "model_info", "batch_signature"]
+__all__ = ["predict", "predict_chunk", "predict_batch", "collect", "model_info", "noop", "batch_signature"]
 
 SENT_AT_HEADER = "heimdall_sent_at"
 MAX_BATCH_PAYLOADS = 1000  #: heimdall.predict_batch carries its payloads in one message; cap it
@@ -67,6 +68,12 @@ def predict_batch(self, payloads: list[Any], chunk_size: int = 64) -> Any:
     if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_BATCH_PAYLOADS:
         raise PayloadError(PayloadCode.INVALID_FIELD, "chunk_size must be an integer in 1..1000", "chunk_size")
     raise self.replace(batch_signature(payloads, chunk_size))
+
+
+@app.task(name="heimdall.noop")
+def noop(_: Any = None) -> None:
+    """Does nothing: the benchmark's floor (Celery's own per-task cost on this broker and backend)."""
+    return None
 
 
 @app.task(name="heimdall.model_info")

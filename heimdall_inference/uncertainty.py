@@ -11,6 +11,7 @@ from true north, in [0, 180).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,8 +20,9 @@ from scipy.stats import f as f_dist
 
 from .network import Network
 
-__all__ = ["Ellipse", "covariance_from_params", "ellipse_scale", "ellipses", "ellipse_polygon_enu",
-           "ellipse_geojson", "mahalanobis_sq"]
+__all__ = ["Ellipse", "covariance_from_params", "ellipse_scale", "ellipses", "ellipse_axes", "ellipse_rings_enu",
+           "ellipse_polygon_enu", "ellipse_geojson", "ellipse_geojson_batch", "geojson_polygons",
+           "mahalanobis_sq"]
 
 DEFAULT_CONFIDENCES = (0.68, 0.95)
 
@@ -46,6 +48,11 @@ def covariance_from_params(params: np.ndarray) -> np.ndarray:
     cov[..., 1, 1] = sn * sn
     cov[..., 0, 1] = cov[..., 1, 0] = rho * se * sn
     return cov
+
+
+@functools.lru_cache(maxsize=64)
+def _scale(confidence: float, dof: float | None) -> float:
+    return float(ellipse_scale(confidence, dof))
 
 
 def ellipse_scale(confidence: float | np.ndarray, dof: float | None = None) -> np.ndarray:
@@ -85,6 +92,28 @@ def ellipses(cov: np.ndarray, confidences: tuple[float, ...] = DEFAULT_CONFIDENC
             for p, k in zip(confidences, np.atleast_1d(ellipse_scale(np.asarray(confidences), dof)))]
 
 
+def ellipse_axes(cov: np.ndarray, confidences: tuple[float, ...], dof: float | None = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Vectorised over [B, 2, 2]: (semi-major [B, P], semi-minor [B, P], bearing of major [B] deg)."""
+    vmaj, vmin, bearing = _axes(np.asarray(cov, float))
+    k = np.array([_scale(float(p), dof) for p in confidences])
+    return np.sqrt(vmaj)[:, None] * k, np.sqrt(vmin)[:, None] * k, bearing
+
+
+def ellipse_rings_enu(centers_enu: np.ndarray, cov: np.ndarray, confidence: float, points: int = 72,
+                      dof: float | None = None) -> np.ndarray:
+    """Vectorised rings: [B, points + 1, 2] east/north metres, closed, counter-clockwise."""
+    vals, vecs = np.linalg.eigh(np.asarray(cov, float))  # [B, 2], [B, 2, 2]
+    theta = np.linspace(0.0, 2.0 * np.pi, points, endpoint=False)
+    unit = np.stack([np.cos(theta), np.sin(theta)], axis=1)  # [N, 2]
+    # a right-handed eigenvector basis keeps the parameterisation counter-clockwise in (east, north)
+    vecs = vecs.copy()
+    vecs[np.linalg.det(vecs) < 0, :, 0] *= -1.0
+    scaled = unit[None] * np.sqrt(np.maximum(vals, 0.0))[:, None, :]  # [B, N, 2]
+    ring = np.asarray(centers_enu, float)[:, None, :] + _scale(confidence, dof) * np.einsum("bnj,bij->bni", scaled, vecs)
+    return np.concatenate([ring, ring[:, :1]], axis=1)
+
+
 def ellipse_polygon_enu(center_enu: np.ndarray, cov: np.ndarray, confidence: float, points: int = 72,
                         dof: float | None = None) -> np.ndarray:
     """[points + 1, 2] closed ring of east/north metres on the ellipse boundary."""
@@ -99,18 +128,25 @@ def ellipse_polygon_enu(center_enu: np.ndarray, cov: np.ndarray, confidence: flo
 def ellipse_geojson(network: Network, center_enu: np.ndarray, cov: np.ndarray, confidence: float = 0.95,
                     points: int = 72, dof: float | None = None) -> dict:
     """A GeoJSON Feature whose Polygon is the ellipse in lon/lat (through the tangent plane)."""
-    ring = ellipse_polygon_enu(center_enu, cov, confidence, points, dof)
-    lat, lon = network.to_geodetic(ring[:, 0], ring[:, 1])
-    coords = [[round(float(x), 6), round(float(y), 6)] for x, y in zip(lon, lat)]
-    coords[-1] = coords[0]
-    # GeoJSON (RFC 7946) wants exterior rings counter-clockwise: the parameterisation above runs
-    # counter-clockwise in (east, north) whenever the eigenvector basis is right-handed.
-    if _signed_area(coords) < 0:
-        coords.reverse()
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [coords]},
-            "properties": {"confidence": confidence}}
+    return ellipse_geojson_batch(network, np.asarray(center_enu)[None], np.asarray(cov)[None], confidence,
+                                 points, dof)[0]
 
 
-def _signed_area(coords: list[list[float]]) -> float:
-    a = np.asarray(coords)
-    return 0.5 * float(np.sum(a[:-1, 0] * a[1:, 1] - a[1:, 0] * a[:-1, 1]))
+def ellipse_geojson_batch(network: Network, centers_enu: np.ndarray, cov: np.ndarray, confidence: float = 0.95,
+                          points: int = 72, dof: float | None = None) -> list[dict]:
+    """GeoJSON Features for [B] ellipses with one geodetic conversion for all their vertices."""
+    rings = ellipse_rings_enu(centers_enu, cov, confidence, points, dof)  # [B, N + 1, 2], counter-clockwise
+    lat, lon = network.to_geodetic(rings[..., 0].ravel(), rings[..., 1].ravel())
+    return geojson_polygons(lon.reshape(rings.shape[:2]), lat.reshape(rings.shape[:2]), confidence)
+
+
+def geojson_polygons(lon: np.ndarray, lat: np.ndarray, confidence: float) -> list[dict]:
+    """[B, N + 1] closed counter-clockwise rings in degrees -> GeoJSON Polygon Features (RFC 7946)."""
+    lon, lat = np.round(lon, 6), np.round(lat, 6)
+    out = []
+    for b in range(len(lon)):
+        coords = np.stack([lon[b], lat[b]], axis=1).tolist()
+        coords[-1] = coords[0]
+        out.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [coords]},
+                    "properties": {"confidence": confidence}})
+    return out

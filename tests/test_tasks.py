@@ -116,3 +116,25 @@ def test_model_info_task(live, live_worker, spec):
     info = model_info.delay().get(timeout=30)
     assert info["name"] == spec.name and info["version"] == spec.version
     assert info["receivers"] == list(spec.network.ids)
+
+
+def test_cli_db_init_and_submit(live, live_worker, tmp_path, monkeypatch, capsys):
+    import json
+
+    from heimdall_inference.cli import main
+
+    servers, store = live
+    monkeypatch.setenv("HEIMDALL_DATABASE_URL", servers.settings.database_url)
+    monkeypatch.setenv("HEIMDALL_DB_SCHEMA", servers.schema)
+    assert main(["db", "init"]) == 0
+    assert json.loads(capsys.readouterr().out)["schema"] == servers.schema
+    main(["simulate", "--count", "2", "--seed", "77", "--out", str(tmp_path), "--format", "msgpack"])
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "heimdall.iq/v1", "captured_at": "2026-11-23T07:00:00Z"}')
+    capsys.readouterr()
+    files = sorted(tmp_path.glob("scene-*.msgpack"))
+    assert main(["submit", *map(str, files), str(bad), "--timeout-s", "30"]) == 2
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x.get("request_id") for x in lines[:2]] == ["sim-77-0", "sim-77-1"]
+    assert lines[2]["error"]["code"] == "missing_field"
+    assert len(_rows(store, "fix_key = ANY(%s)", ["sim-77-0", "sim-77-1"])) == 2

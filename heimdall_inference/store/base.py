@@ -61,6 +61,9 @@ class Store(Protocol):
     def count_fixes(self) -> int:
         """Rows in ``predictions``."""
 
+    def count_rejections(self) -> int:
+        """Rows in ``rejections``."""
+
     def close(self) -> None:
         """Release connections."""
 
@@ -92,6 +95,9 @@ class MemoryStore:
 
     def count_fixes(self) -> int:
         return len(self.fixes)
+
+    def count_rejections(self) -> int:
+        return len(self.rejections)
 
     def close(self) -> None:
         pass

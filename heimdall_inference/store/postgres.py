@@ -129,6 +129,9 @@ class PostgresStore:
         if rows:
             self._run(lambda conn: conn.cursor().executemany(self._insert_rej, rows))
 
+    def count_rejections(self) -> int:
+        return self._run(lambda conn: conn.execute(f"SELECT count(*) FROM {self.schema}.rejections").fetchone()[0])
+
     def count_fixes(self) -> int:
         return self._run(lambda conn: conn.execute(f"SELECT count(*) FROM {self.schema}.predictions").fetchone()[0])
 

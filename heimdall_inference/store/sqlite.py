@@ -87,6 +87,9 @@ class SqliteStore:
             self._run(lambda conn: conn.executemany(self._insert_rej, [
                 tuple(json.dumps(r[c]) if c == "receivers" else r[c] for c in REJECTION_COLUMNS) for r in rows]))
 
+    def count_rejections(self) -> int:
+        return self._run(lambda conn: conn.execute("SELECT count(*) FROM rejections").fetchone()[0])
+
     def count_fixes(self) -> int:
         return self._run(lambda conn: conn.execute("SELECT count(*) FROM predictions").fetchone()[0])
 

@@ -80,9 +80,7 @@ def configure_app(settings: Settings):
     from .celery import app
 
     app.conf.update(celeryconfig.build(settings))
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    app._pool = None  # not closed: kombu's global producer pools may still share its connections
     app._backend_cache = None
     app._local = threading.local()
     app.__dict__.pop("amqp", None)

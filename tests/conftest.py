@@ -51,9 +51,18 @@ def error_km(fix: dict, truth_east_m: float, truth_north_m: float) -> float:
     return float(np.hypot(fix["position"]["east_m"] - truth_east_m, fix["position"]["north_m"] - truth_north_m) / 1e3)
 
 
+@pytest.fixture()
+def live(live_session):
+    """The live servers, with this process' Celery app (the producer) pointed at them for the test."""
+    from heimdall_inference.embedded import configure_app
+
+    configure_app(live_session[0].settings)
+    return live_session
+
+
 @pytest.fixture(scope="session")
-def live(tmp_path_factory):
-    """Own vhost, Redis prefix and schema on the real servers; the client app pointed at them."""
+def live_session(tmp_path_factory):
+    """Own vhost, Redis prefix and schema on the real servers, for the whole run."""
     from heimdall_inference.embedded import configure_app
     from heimdall_inference.settings import Settings
     from heimdall_inference.store import open_store
@@ -73,11 +82,11 @@ def live(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def live_worker(live, tmp_path_factory):
+def live_worker(live_session, tmp_path_factory):
     """A real prefork worker (2 children) on the live servers."""
-    from .live import WorkerProcess
+    from heimdall_inference.embedded import WorkerProcess
 
-    servers, _ = live
+    servers, _ = live_session
     worker = WorkerProcess(servers.settings, tmp_path_factory.mktemp("worker") / "worker.log")
     try:
         worker.wait_ready()

@@ -9,11 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
-import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +19,6 @@ from heimdall_inference.settings import Settings
 PG_URL = os.environ.get("HEIMDALL_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("HEIMDALL_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 RABBIT_HOST = os.environ.get("HEIMDALL_TEST_RABBIT", "127.0.0.1:5672")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def unavailable(what: str) -> None:
@@ -87,42 +83,3 @@ def drop_live(live: LiveServers) -> None:
         store = PostgresStore(PG_URL, schema=live.schema)
         store.drop_schema()
         store.close()
-
-
-class WorkerProcess:
-    """A real ``celery -A heimdall_inference worker`` subprocess."""
-
-    def __init__(self, settings: Settings, log_path: Path, *, concurrency: int = 2, extra_env: dict | None = None):
-        env = {**os.environ, **settings.to_env(), **(extra_env or {})}
-        env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.name = f"test-{uuid.uuid4().hex[:8]}@%h"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "heimdall_inference", "worker", "--pool", "prefork",
-             "--concurrency", str(concurrency), "--without-gossip", "--without-mingle", "--loglevel", "INFO",
-             "-n", self.name],
-            cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited: {self.log()}")
-            if b" ready." in self.log_path.read_bytes():
-                return
-            time.sleep(0.2)
-        raise TimeoutError(f"worker not ready in {timeout_s} s: {self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # warm shutdown
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()

@@ -37,8 +37,9 @@ def build(s: Settings) -> dict[str, Any]:
         task_time_limit=s.task_time_limit_s,
         # Results are read once by the producer: keep them an hour, not forever.
         result_expires=s.result_expires_s,
-        # Task name and arguments' shape in the result meta, for Flower and debugging.
-        result_extended=True,
+        # No arguments in the result meta: result_extended would copy every payload (tens of KB of
+        # IQ, megabytes per chunk) into Redis next to its fix (measured: 3x slower chunks).
+        result_extended=False,
         # Events for Flower.
         worker_send_task_events=True,
         task_send_sent_event=True,

@@ -72,6 +72,16 @@ class DecodedPayload:
     size_bytes: int = 0  #: IQ bytes on the wire
 
 
+class _NoHash:
+    """Stands in for the hash when no digest is wanted."""
+
+    def update(self, _: bytes) -> None:
+        pass
+
+    def hexdigest(self) -> str:
+        return ""
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -87,10 +97,13 @@ class PayloadDecoder:
         self._known = set(spec.network.ids)
 
     # -- entry point ------------------------------------------------------------------------
-    def decode(self, raw: bytes | bytearray | memoryview | dict[str, Any]) -> DecodedPayload:
-        """Validate and decode; raises PayloadError and nothing else."""
+    def decode(self, raw: bytes | bytearray | memoryview | dict[str, Any], *, digest: bool = True) -> DecodedPayload:
+        """Validate and decode; raises PayloadError and nothing else.
+
+        ``digest=False`` skips hashing the IQ (the cache key), for paths that never use the cache.
+        """
         try:
-            return self._decode(raw)
+            return self._decode(raw, digest)
         except PayloadError:
             raise
         except (MemoryError, RecursionError) as exc:
@@ -98,7 +111,7 @@ class PayloadDecoder:
         except Exception as exc:  # a bug must still surface as a structured error, never a dead worker
             raise PayloadError(C.INVALID_FIELD, f"payload could not be decoded: {type(exc).__name__}: {exc}") from exc
 
-    def _decode(self, raw: bytes | bytearray | memoryview | dict[str, Any]) -> DecodedPayload:
+    def _decode(self, raw: bytes | bytearray | memoryview | dict[str, Any], digest: bool = True) -> DecodedPayload:
         doc = self._parse(raw)
         schema = doc.get("schema")
         if schema is None:
@@ -117,7 +130,7 @@ class PayloadDecoder:
         session_id = self._optional_id(doc, "session_id")
         options = self._options(doc)
         need = math.ceil(self.spec.snippet_samples * down / up)
-        ids, arrays, digest, size = self._receivers(doc, need)
+        ids, arrays, key, size = self._receivers(doc, need, digest)
         iq = np.empty((len(ids), self.spec.snippet_samples), np.complex64)
         for i, x in enumerate(arrays):
             if up != 1 or down != 1:
@@ -125,7 +138,7 @@ class PayloadDecoder:
             iq[i] = x[: self.spec.snippet_samples]
         return DecodedPayload(captured_at=captured_at, center_freq_hz=center, sample_rate_hz=rate,
                               receiver_ids=tuple(ids), iq=iq, request_id=request_id, session_id=session_id,
-                              options=options, digest=digest, size_bytes=size)
+                              options=options, digest=key, size_bytes=size)
 
     # -- pieces ------------------------------------------------------------------------------
     def _parse(self, raw: bytes | bytearray | memoryview | dict[str, Any]) -> dict[str, Any]:
@@ -209,7 +222,7 @@ class PayloadDecoder:
                                "sample_rate_hz")
         return ratio.numerator, ratio.denominator
 
-    def _receivers(self, doc: dict[str, Any], need: int) -> tuple[list[str], list[IQ], str, int]:
+    def _receivers(self, doc: dict[str, Any], need: int, digest: bool = True) -> tuple[list[str], list[IQ], str, int]:
         recs = doc.get("receivers")
         if recs is None:
             raise PayloadError(C.MISSING_FIELD, "receivers is required", "receivers")
@@ -237,7 +250,7 @@ class PayloadDecoder:
                 raise PayloadError(C.DUPLICATE_RECEIVER, f"receiver {rid!r} appears twice", f"{where}.id",
                                    receiver=rid)
             ids.append(rid)
-        h = hashlib.blake2b(digest_size=16)
+        h = hashlib.blake2b(digest_size=16) if digest else _NoHash()
         h.update(repr((doc.get("sample_rate_hz"), len(ids))).encode())
         arrays: list[IQ] = []
         total = 0

@@ -48,9 +48,9 @@ class Localizer:
         self.plan = FeaturePlan(self.spec.features)
         self._slot = self.spec.network.index
 
-    def decode(self, raw: RawPayload) -> DecodedPayload:
-        """Validate one payload; raises PayloadError."""
-        return self.decoder.decode(raw)
+    def decode(self, raw: RawPayload, *, digest: bool = True) -> DecodedPayload:
+        """Validate one payload; raises PayloadError. ``digest=False`` skips the cache key."""
+        return self.decoder.decode(raw, digest=digest)
 
     def estimate(self, decoded: Sequence[DecodedPayload]) -> Estimates:
         """Features for every present receiver in one pass, then one session run."""

@@ -58,7 +58,7 @@ class Service:
     def predict(self, payload: RawPayload, *, task_id: str | None, sent_at_s: float | None = None) -> dict[str, Any]:
         """One payload -> one stored fix (idempotent on request id, else task id)."""
         t0 = time.time()
-        decoded = self._decode_or_record(payload, task_id)
+        decoded = self._decode_or_record(payload, task_id, digest=self.cache is not None)
         t1 = time.time()
         fix = self._cached(decoded, task_id)
         if fix is None:
@@ -72,9 +72,9 @@ class Service:
         self.counters.fixes += 1
         return fix
 
-    def _decode_or_record(self, payload: RawPayload, task_id: str | None) -> DecodedPayload:
+    def _decode_or_record(self, payload: RawPayload, task_id: str | None, *, digest: bool = True) -> DecodedPayload:
         try:
-            return self.localizer.decode(payload)
+            return self.localizer.decode(payload, digest=digest)
         except PayloadError as exc:
             self._reject(exc, payload, task_id)
             raise
@@ -136,7 +136,7 @@ class Service:
         errors: list[dict[str, Any]] = []
         for i, p in enumerate(payloads):
             try:
-                decoded.append(self._decode_or_record(p, task_id))
+                decoded.append(self._decode_or_record(p, task_id, digest=False))  # chunks skip the cache
                 keys.append(f"{task_id}:{offset + i}" if task_id else None)
             except PayloadError as exc:
                 errors.append({"index": offset + i, **exc.to_dict()})

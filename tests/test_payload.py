@@ -308,3 +308,10 @@ def test_deeply_nested_document_is_rejected_not_crashing(decoder):
     assert _code(decoder, raw).code in (C.DECODE_ERROR, C.PAYLOAD_TOO_LARGE)
     deep = b"\x91" * 100_000 + b"\xc0"  # msgpack: nested one-element arrays
     assert _code(decoder, deep).code in (C.DECODE_ERROR, C.PAYLOAD_TOO_LARGE)
+
+
+def test_digest_can_be_skipped_for_paths_without_cache(decoder, payload):
+    with_key = decoder.decode(payload)
+    without = decoder.decode(payload, digest=False)
+    assert without.digest == "" and len(with_key.digest) == 32
+    np.testing.assert_array_equal(without.iq, with_key.iq)

@@ -32,8 +32,14 @@ def fix_row(fix: dict[str, Any]) -> dict[str, Any]:
         "semi_major_95_m": e95["semi_major_m"], "semi_minor_95_m": e95["semi_minor_m"],
         "orientation_95_deg": e95["orientation_deg"], "receivers": list(fix["receivers_used"]),
         "model_name": fix["model"]["name"], "model_version": fix["model"]["version"], "cached": bool(fix["cached"]),
-        "timings_ms": fix.get("timings_ms", {}), "fix": fix,
+        "timings_ms": fix.get("timings_ms", {}), "fix": _without_geojson(fix),
     }
+
+
+def _without_geojson(fix: dict[str, Any]) -> dict[str, Any]:
+    """The stored document: the GeoJSON ring (half the bytes) is derived from the covariance."""
+    u = {k: v for k, v in fix["uncertainty"].items() if k != "geojson"}
+    return {**fix, "uncertainty": u}
 
 
 def rejection_row(error: dict[str, Any], *, task_id: str | None, request_id: str | None = None,

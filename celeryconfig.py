@@ -40,11 +40,11 @@ def build(s: Settings) -> dict[str, Any]:
         # No arguments in the result meta: result_extended would copy every payload (tens of KB of
         # IQ, megabytes per chunk) into Redis next to its fix (measured: 3x slower chunks).
         result_extended=False,
-        # Events for Flower.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
-        # STARTED state when a child picks a task up (latency split, Flower).
-        task_track_started=True,
+        # No task events or STARTED states by default: three extra broker messages and a backend
+        # write per fix. Flower switches events on by broadcast when it connects (enable_events).
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        task_track_started=False,
         # Children are recycled by memory, not by task count: the warm model is worth keeping.
         worker_max_memory_per_child=1_500_000,  # KiB
         worker_hijack_root_logger=False,

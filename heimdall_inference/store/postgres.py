@@ -90,10 +90,10 @@ class PostgresStore:
                             f"({', '.join(f'%({c})s' for c in REJECTION_COLUMNS)})")
 
     def _run(self, fn):
+        """Run ``fn(conn)`` in one transaction: the pool commits on success, rolls back on error."""
         try:
             with self.pool.connection() as conn:
-                with conn.transaction():
-                    return fn(conn)
+                return fn(conn)
         except (psycopg.OperationalError, PoolTimeout) as exc:
             raise TransientError(f"PostgreSQL unreachable: {exc}") from exc
         except psycopg.Error as exc:
@@ -119,6 +119,8 @@ class PostgresStore:
         prepared = [{**r, "timings_ms": Jsonb(r["timings_ms"]), "fix": Jsonb(r["fix"])} for r in rows]
 
         def go(conn: psycopg.Connection) -> int:
+            if len(prepared) == 1:  # a plain execute: executemany's pipeline costs ~0.4 ms per call
+                return max(conn.execute(self._insert_fix, prepared[0]).rowcount, 0)
             with conn.cursor() as cur:
                 cur.executemany(self._insert_fix, prepared)  # rowcount: the sum over the statements
                 return max(cur.rowcount, 0)

@@ -30,7 +30,7 @@ import scipy.signal
 
 from .codec import DTYPES, SCHEMA_IQ, iq_from_bytes, loads_raw
 from .errors import PayloadCode as C
-from .errors import PayloadError
+from .errors import PayloadError, TransientError
 from .spec import ModelSpec
 from .types import IQ
 
@@ -98,13 +98,13 @@ class PayloadDecoder:
 
     # -- entry point ------------------------------------------------------------------------
     def decode(self, raw: bytes | bytearray | memoryview | dict[str, Any], *, digest: bool = True) -> DecodedPayload:
-        """Validate and decode; raises PayloadError and nothing else.
+        """Validate and decode; raises PayloadError (or TransientError from an iq_ref fetch).
 
         ``digest=False`` skips hashing the IQ (the cache key), for paths that never use the cache.
         """
         try:
             return self._decode(raw, digest)
-        except PayloadError:
+        except (PayloadError, TransientError):  # an unreachable object store is retried, not rejected
             raise
         except (MemoryError, RecursionError) as exc:
             raise PayloadError(C.PAYLOAD_TOO_LARGE, f"payload too large or too deep to decode ({type(exc).__name__})") from exc

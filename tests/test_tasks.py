@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 import uuid
 
 import numpy as np
@@ -138,3 +139,31 @@ def test_cli_db_init_and_submit(live, live_worker, tmp_path, monkeypatch, capsys
     assert [x.get("request_id") for x in lines[:2]] == ["sim-77-0", "sim-77-1"]
     assert lines[2]["error"]["code"] == "missing_field"
     assert len(_rows(store, "fix_key = ANY(%s)", ["sim-77-0", "sim-77-1"])) == 2
+
+
+def test_a_pickled_message_is_refused_and_parked_in_heimdall_dead(live, live_worker):
+    """Poison on the wire (pickle) is never executed, never lost: it is dead-lettered."""
+    import pickle
+
+    from kombu import Connection, Exchange, Producer
+
+    from heimdall_inference.topology import dead_queue
+
+    servers, _ = live
+    task_id = str(uuid.uuid4())
+    body = pickle.dumps(((), {}, {}))
+    with Connection(servers.settings.broker_url) as conn:
+        producer = Producer(conn.channel(), exchange=Exchange("heimdall", type="topic"))
+        producer.publish(body, routing_key="heimdall.predict.task", content_type="application/x-python-serialize",
+                         content_encoding="binary", headers={"task": "heimdall.predict", "id": task_id, "lang": "py"},
+                         delivery_mode=2)
+        channel = conn.channel()
+        dead_queue()(channel).declare()
+        msg, deadline = None, time.monotonic() + 20
+        while msg is None and time.monotonic() < deadline:
+            msg = channel.basic_get(queue="heimdall.dead", no_ack=False)  # raw: never decode the pickle
+            time.sleep(0.2)
+        assert msg is not None, "the pickled message was neither dead-lettered nor kept"
+        assert msg.properties["application_headers"]["id"] == task_id
+        assert msg.properties["content_type"] == "application/x-python-serialize"
+        channel.basic_ack(msg.delivery_tag)

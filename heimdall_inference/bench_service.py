@@ -54,6 +54,9 @@ class BenchConfig:
     chunk_size: int = 128
     inprocess_s: float = 5.0
     seed: int = 17
+    pool: str = "prefork"  #: worker pool of the started worker ("threads" for micro-batching)
+    threads: int = 16  #: concurrency of a threads pool
+    batch_max: int = 1  #: HEIMDALL_BATCH_MAX of the started worker (>1 micro-batches single tasks)
 
     @classmethod
     def quick(cls, **kw: Any) -> "BenchConfig":
@@ -248,8 +251,9 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
         report["inprocess_fixes_per_s"] = inprocess_limit(cfg.workers, cfg.inprocess_s, cfg.seed, model)
         if start_worker:
             t0 = time.perf_counter()
-            worker = WorkerProcess(settings, log_dir / f"{run_id}-worker.log", concurrency=cfg.workers,
-                                   extra_env={"HEIMDALL_MODEL_PATH": model} if model else None)
+            env = {"HEIMDALL_BATCH_MAX": str(cfg.batch_max), **({"HEIMDALL_MODEL_PATH": model} if model else {})}
+            worker = WorkerProcess(settings, log_dir / f"{run_id}-worker.log", pool=cfg.pool,
+                                   concurrency=cfg.threads if cfg.pool == "threads" else cfg.workers, extra_env=env)
             worker.wait_ready()
             report["worker_ready_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -321,7 +325,10 @@ def _burst_predict(payloads: _Payloads, n: int) -> tuple[float, int]:
 
 
 def format_report(r: dict[str, Any]) -> str:
-    lines = [f"heimdall service benchmark {r['run_id']}: {r['workers']} worker children, broker {r['broker']}"]
+    c = r.get("config", {})
+    pool = (f"threads pool x{c.get('threads')}, micro-batches of up to {c.get('batch_max')}"
+            if c.get("pool") == "threads" else f"{r['workers']} prefork children")
+    lines = [f"heimdall service benchmark {r['run_id']}: {pool}, broker {r['broker']}"]
     if "worker_ready_s" in r:
         lines.append(f"worker ready {r['worker_ready_s']:.2f} s; cold start to first fix {r['cold_start_to_first_fix_s']:.2f} s")
     lines.append(f"in-process limit ({r['workers']} processes): {r['inprocess_fixes_per_s']:.0f} fixes/s")

@@ -28,7 +28,7 @@ __all__ = ["WorkerProcess", "configure_app", "run_demo"]
 class WorkerProcess:
     """A real ``celery -A heimdall_inference worker`` subprocess with the given settings."""
 
-    def __init__(self, settings: Settings, log_path: Path, *, concurrency: int = 2,
+    def __init__(self, settings: Settings, log_path: Path, *, concurrency: int = 2, pool: str = "prefork",
                  extra_env: dict[str, str] | None = None) -> None:
         root = Path(__file__).resolve().parent.parent
         env = {**os.environ, **settings.to_env(), **(extra_env or {})}
@@ -37,7 +37,7 @@ class WorkerProcess:
         self._log = open(self.log_path, "wb")
         self.name = f"heimdall-{uuid.uuid4().hex[:8]}@%h"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "heimdall_inference", "worker", "--pool", "prefork",
+            [sys.executable, "-m", "celery", "-A", "heimdall_inference", "worker", "--pool", pool,
              "--concurrency", str(concurrency), "--without-gossip", "--without-mingle", "--loglevel", "INFO",
              "-n", self.name],
             cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT)

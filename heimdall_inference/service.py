@@ -19,9 +19,18 @@ from .payload import DecodedPayload
 from .pipeline import Localizer, RawPayload
 from .store import Store, fix_row, rejection_row
 
-__all__ = ["Service", "Counters"]
+__all__ = ["Service", "Counters", "Request", "summarize"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One heimdall.predict call: the payload, its task id and when the producer sent it."""
+
+    payload: RawPayload
+    task_id: str | None
+    sent_at_s: float | None = None
 
 
 @dataclass
@@ -34,6 +43,7 @@ class Counters:
     cache_misses: int = 0
     stored_new: int = 0
     stored_duplicate: int = 0
+    batches: int = 0  #: predict_requests passes (fixes / batches = mean micro-batch size)
 
 
 class Service:
@@ -57,20 +67,49 @@ class Service:
     # -- single payloads ----------------------------------------------------------------------
     def predict(self, payload: RawPayload, *, task_id: str | None, sent_at_s: float | None = None) -> dict[str, Any]:
         """One payload -> one stored fix (idempotent on request id, else task id)."""
+        out = self.predict_requests([Request(payload, task_id, sent_at_s)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def predict_requests(self, requests: Sequence[Request]) -> list[dict[str, Any] | PayloadError]:
+        """Single-task requests in one pass: one feature pass, one session run, one transaction.
+
+        Each slot gets its fix or its PayloadError (recorded). A store failure raises for all of
+        them (TransientError: the tasks retry; nothing was acknowledged).
+        """
         t0 = time.time()
-        decoded = self._decode_or_record(payload, task_id, digest=self.cache is not None)
-        t1 = time.time()
-        fix = self._cached(decoded, task_id)
-        if fix is None:
-            fix = self.localizer.fixes([decoded], decode_ms=(t1 - t0) * 1e3, task_ids=[task_id], alias=self.alias)[0]
-            self._cache_put(decoded, fix)
-        else:
-            fix["timings_ms"]["decode"] = round((t1 - t0) * 1e3, 3)
-        if sent_at_s is not None:
-            fix["timings_ms"]["queue"] = round(max(0.0, t0 - sent_at_s) * 1e3, 3)
-        self._store([fix])
-        self.counters.fixes += 1
-        return fix
+        out: list[dict[str, Any] | PayloadError | None] = [None] * len(requests)
+        decoded: list[tuple[int, DecodedPayload]] = []
+        for i, r in enumerate(requests):
+            try:
+                decoded.append((i, self._decode_or_record(r.payload, r.task_id, digest=self.cache is not None)))
+            except PayloadError as exc:
+                out[i] = exc
+        decode_ms = (time.time() - t0) * 1e3 / max(1, len(requests))
+        misses: list[tuple[int, DecodedPayload]] = []
+        for i, d in decoded:
+            hit = self._cached(d, requests[i].task_id)
+            if hit is None:
+                misses.append((i, d))
+            else:
+                hit["timings_ms"]["decode"] = round(decode_ms, 3)
+                out[i] = hit
+        if misses:
+            fixes = self.localizer.fixes([d for _, d in misses], decode_ms=decode_ms * len(misses),
+                                         task_ids=[requests[i].task_id for i, _ in misses], alias=self.alias)
+            for (i, d), fix in zip(misses, fixes):
+                self._cache_put(d, fix)
+                out[i] = fix
+        good = [f for f in out if isinstance(f, dict)]
+        for r, f in zip(requests, out):
+            if isinstance(f, dict) and r.sent_at_s is not None:
+                f["timings_ms"]["queue"] = round(max(0.0, t0 - r.sent_at_s) * 1e3, 3)
+        if good:
+            self._store(good)
+        self.counters.fixes += len(good)
+        self.counters.batches += 1
+        return out  # type: ignore[return-value]
 
     def _decode_or_record(self, payload: RawPayload, task_id: str | None, *, digest: bool = True) -> DecodedPayload:
         try:

@@ -18,8 +18,8 @@ from celery import chord, group
 
 from .celery import app
 from .errors import PayloadCode, PayloadError, TransientError
-from .service import summarize
-from .worker import get_service
+from .service import Request, summarize
+from .worker import get_batcher, get_service
 
 __all__ = ["predict", "predict_chunk", "predict_batch", "collect", "model_info", "noop", "batch_signature"]
 
@@ -33,8 +33,11 @@ _retry = dict(autoretry_for=(TransientError,), retry_backoff=1, retry_backoff_ma
 @app.task(name="heimdall.predict", bind=True, **_retry)
 def predict(self, payload: Any) -> dict[str, Any]:
     sent = getattr(self.request, SENT_AT_HEADER, None) or (self.request.headers or {}).get(SENT_AT_HEADER)
-    return get_service().predict(payload, task_id=self.request.id,
-                                 sent_at_s=float(sent) if isinstance(sent, (int, float, str)) else None)
+    request = Request(payload, self.request.id, float(sent) if isinstance(sent, (int, float, str)) else None)
+    batcher = get_batcher()
+    if batcher is not None:  # threads pool: concurrent tasks share one pass and one transaction
+        return batcher.submit(request)
+    return get_service().predict(request.payload, task_id=request.task_id, sent_at_s=request.sent_at_s)
 
 
 @app.task(name="heimdall.predict_chunk", bind=True, **_retry)

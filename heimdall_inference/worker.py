@@ -16,17 +16,19 @@ from celery.signals import worker_init, worker_process_init, worker_process_shut
 
 from .cache import FixCache
 from .pipeline import Localizer
+from .batching import MicroBatcher
 from .service import Service
 from .session import SessionOptions
 from .settings import Settings
 from .store import open_store
 from .topology import dead_queue, is_amqp
 
-__all__ = ["get_service", "build_service", "reset_service"]
+__all__ = ["get_service", "get_batcher", "build_service", "reset_service"]
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _service: Service | None = None
+_batcher: MicroBatcher | None = None
 
 
 def build_service(settings: Settings) -> Service:
@@ -60,6 +62,19 @@ def get_service() -> Service:
             if _service is None:
                 _service = build_service(Settings.from_env())
     return _service
+
+
+def get_batcher() -> MicroBatcher | None:
+    """This process' micro-batcher when ``HEIMDALL_BATCH_MAX`` > 1, else None."""
+    global _batcher
+    if _batcher is None:
+        settings = Settings.from_env()
+        if settings.batch_max <= 1:
+            return None
+        with _lock:
+            if _batcher is None:
+                _batcher = MicroBatcher(get_service, settings.batch_max)
+    return _batcher
 
 
 def reset_service(service: Service | None = None) -> None:

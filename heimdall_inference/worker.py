@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _service: Service | None = None
 _batcher: MicroBatcher | None = None
+_batcher_decided = False
 
 
 def build_service(settings: Settings) -> Service:
@@ -65,15 +66,14 @@ def get_service() -> Service:
 
 
 def get_batcher() -> MicroBatcher | None:
-    """This process' micro-batcher when ``HEIMDALL_BATCH_MAX`` > 1, else None."""
-    global _batcher
-    if _batcher is None:
-        settings = Settings.from_env()
-        if settings.batch_max <= 1:
-            return None
+    """This process' micro-batcher when ``HEIMDALL_BATCH_MAX`` > 1, else None (decided once)."""
+    global _batcher, _batcher_decided
+    if not _batcher_decided:
         with _lock:
-            if _batcher is None:
-                _batcher = MicroBatcher(get_service, settings.batch_max)
+            if not _batcher_decided:
+                batch_max = Settings.from_env().batch_max
+                _batcher = MicroBatcher(get_service, batch_max) if batch_max > 1 else None
+                _batcher_decided = True
     return _batcher
 
 

@@ -30,8 +30,11 @@ def plot_fixes(network: Network, fixes: Sequence[dict[str, Any]], path: str | Pa
     lats = [r.lat for r in network.receivers]
     lons = [r.lon for r in network.receivers]
     ax.scatter(lons, lats, marker="^", s=70, c="black", zorder=5, label="receivers")
-    for r in network.receivers:
-        ax.annotate(r.id, (r.lon, r.lat), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    sites: dict[tuple[float, float], list[str]] = {}
+    for r in network.receivers:  # co-located receivers (giaveno, coazze) share one label
+        sites.setdefault((r.lon, r.lat), []).append(r.id)
+    for (lon, lat), ids in sites.items():
+        ax.annotate(" / ".join(ids), (lon, lat), textcoords="offset points", xytext=(4, 4), fontsize=8)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     truths = list(truths) if truths is not None else [None] * len(fixes)
     for i, fix in enumerate(fixes):

@@ -59,7 +59,8 @@ class Service:
 
     @property
     def model_version(self) -> str:
-        return self.localizer.spec.version
+        """The cache's model key: version and file hash, so a new model never serves a stale fix."""
+        return f"{self.localizer.spec.version}-{self.localizer.session.sha256[:12]}"
 
     def model_info(self) -> dict[str, Any]:
         return {**self.localizer.session.info(), "alias": self.alias}

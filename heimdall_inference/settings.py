@@ -41,7 +41,7 @@ class Settings:
     redis_key_prefix: str = "heimdall:"  #: prefix of every Redis key (prediction cache and task results)
     batch_max: int = 1  #: >1: micro-batch concurrent heimdall.predict tasks (run the worker with -P threads)
     queue: str = "heimdall.predict"  #: the work queue
-    s3_endpoint_url: str = ""  #: MinIO/S3 endpoint for iq_ref claim checks ("" = AWS default chain)
+    s3_endpoint_url: str = ""  #: MinIO/S3 endpoint for iq_ref claim checks ("" = iq_ref not served)
     metrics_port: int = 0  #: Prometheus /metrics and /healthz port per worker (0 = off)
     data_dir: str = ""  #: embedded mode: where the filesystem broker, results and SQLite live
 

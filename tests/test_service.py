@@ -86,6 +86,8 @@ def test_store_failures_surface_and_rejection_recording_never_crashes(localizer,
         svc.predict(scenes_and_payloads[1][0], task_id="x")
 
 
-def test_model_info(service, spec):
+def test_model_info_and_cache_key(service, spec, localizer):
     info = service.model_info()
     assert info["alias"] == "production" and info["version"] == spec.version
+    # the cache key names the model file, not only its version string
+    assert service.model_version == f"{spec.version}-{localizer.session.sha256[:12]}"

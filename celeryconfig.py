@@ -56,6 +56,10 @@ def build(s: Settings) -> dict[str, Any]:
         task_default_exchange_type="topic",
         task_default_routing_key=f"{s.queue}.task",
         task_create_missing_queues=False,
+        # An unreachable database (TransientError) is retried with exponential backoff (capped at
+        # 60 s) this many times before the task fails: about half an hour of outage loses nothing.
+        task_annotations={name: {"max_retries": s.db_retry_max}
+                          for name in ("heimdall.predict", "heimdall.predict_chunk")},
     )
     # Every key below is always set, so that build() also reconfigures an app configured before.
     conf["result_backend_transport_options"] = {}

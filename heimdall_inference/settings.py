@@ -37,7 +37,7 @@ class Settings:
     prefetch_multiplier: int = 4  #: messages reserved per child: short tasks want a few
     db_pool_max: int = 4  #: PostgreSQL connections per worker child
     db_schema: str = "public"  #: PostgreSQL schema of the predictions and rejections tables
-    db_retry_max: int = 8  #: task retries (exponential backoff) while the database is unreachable
+    db_retry_max: int = 40  #: task retries (backoff 1 s doubling, capped at 60 s) while the database is unreachable
     redis_key_prefix: str = "heimdall:"  #: prefix of every Redis key (prediction cache and task results)
     batch_max: int = 1  #: >1: micro-batch concurrent heimdall.predict tasks (run the worker with -P threads)
     queue: str = "heimdall.predict"  #: the work queue

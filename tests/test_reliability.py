@@ -95,3 +95,29 @@ def test_database_down_then_up_the_fix_is_stored_late_not_lost(tmp_path, scenes_
         configure_app(Settings.from_env())
         store.close()
         drop_live(servers)
+
+
+def test_redis_down_the_fix_still_reaches_the_database(tmp_path, scenes_and_payloads):
+    from heimdall_inference.tasks import predict
+
+    servers = make_live("redisdown")
+    store = open_store(PG_URL, schema=servers.schema)
+    store.init_schema()
+    dead = Settings(**{**servers.settings.__dict__, "result_backend": "redis://127.0.0.1:1/0", "cache_url": ""})
+    worker = WorkerProcess(dead, tmp_path / "w.log", concurrency=1)
+    try:
+        worker.wait_ready()
+        configure_app(dead)
+        doc = copy.deepcopy(scenes_and_payloads[1][11])
+        doc["request_id"] = "no-redis"
+        predict.apply_async((doc,), ignore_result=True)  # the producer cannot read results either
+        deadline = time.monotonic() + 60
+        while store.count_fixes() == 0 and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert store.count_fixes() == 1
+        assert worker.proc.poll() is None  # the worker survives a dead result backend
+    finally:
+        worker.stop(timeout_s=10)
+        configure_app(Settings.from_env())
+        store.close()
+        drop_live(servers)

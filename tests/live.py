@@ -6,6 +6,7 @@ Every resource a test run makes is removed at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -83,3 +84,27 @@ def drop_live(live: LiveServers) -> None:
         store = PostgresStore(PG_URL, schema=live.schema)
         store.drop_schema()
         store.close()
+
+
+@contextlib.contextmanager
+def isolated_worker(tag: str, log_path, *, stop_timeout_s: float = 30.0, pool: str = "prefork",
+                    concurrency: int = 1, extra_env: dict | None = None, **overrides):
+    """Own vhost/prefix/schema, a worker with ``overrides`` applied to its settings, the producer
+    pointed at it; yields (settings, store of the real schema, worker) and removes everything after."""
+    from heimdall_inference.embedded import WorkerProcess, configure_app
+    from heimdall_inference.store import open_store
+
+    servers = make_live(tag)
+    store = open_store(PG_URL, schema=servers.schema)
+    store.init_schema()
+    settings = Settings(**{**servers.settings.__dict__, **overrides})
+    worker = WorkerProcess(settings, log_path, pool=pool, concurrency=concurrency, extra_env=extra_env)
+    try:
+        worker.wait_ready()
+        configure_app(settings)
+        yield settings, store, worker
+    finally:
+        worker.stop(timeout_s=stop_timeout_s)
+        configure_app(Settings.from_env())
+        store.close()
+        drop_live(servers)

@@ -64,27 +64,13 @@ def test_a_store_failure_fails_every_task_of_the_batch(localizer, scenes_and_pay
 @pytest.mark.integration
 def test_threads_pool_worker_micro_batches_on_the_real_servers(tmp_path, scenes_and_payloads):
     from heimdall_inference.client import submit
-    from heimdall_inference.embedded import WorkerProcess, configure_app
-    from heimdall_inference.settings import Settings
-    from heimdall_inference.store import open_store
 
-    from .live import drop_live, make_live
+    from .live import isolated_worker
 
-    servers = make_live("batch")
-    store = open_store(servers.settings.database_url, schema=servers.schema)
-    store.init_schema()
-    worker = WorkerProcess(servers.settings, tmp_path / "w.log", pool="threads", concurrency=8,
-                           extra_env={"HEIMDALL_BATCH_MAX": "8"})
-    try:
-        worker.wait_ready()
-        configure_app(servers.settings)
+    with isolated_worker("batch", tmp_path / "w.log", pool="threads", concurrency=8,
+                         extra_env={"HEIMDALL_BATCH_MAX": "8"}) as (_, store, _worker):
         docs = [copy.deepcopy(d) for d in scenes_and_payloads[1][:24]]
         results = [submit(d) for d in docs]
         fixes = [r.get(timeout=60) for r in results]
         assert [f["request_id"] for f in fixes] == [d["request_id"] for d in docs]
         assert store.count_fixes() == 24
-    finally:
-        worker.stop()
-        configure_app(Settings.from_env())
-        store.close()
-        drop_live(servers)

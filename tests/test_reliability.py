@@ -11,11 +11,8 @@ import time
 import pytest
 
 from heimdall_inference.client import submit
-from heimdall_inference.embedded import WorkerProcess, configure_app
-from heimdall_inference.settings import Settings
-from heimdall_inference.store import open_store
 
-from .live import PG_URL, drop_live, make_live
+from .live import PG_URL, isolated_worker
 
 pytestmark = pytest.mark.integration
 
@@ -68,46 +65,30 @@ class GatedProxy:
 
 
 def test_database_down_then_up_the_fix_is_stored_late_not_lost(tmp_path, scenes_and_payloads):
-    servers = make_live("dbdown")
-    store = open_store(PG_URL, schema=servers.schema)
-    store.init_schema()
     host, port = PG_URL.split("@", 1)[1].split("/", 1)[0].split(":")
     proxy = GatedProxy((host, int(port)))
-    down = Settings(**{**servers.settings.__dict__,
-                       "database_url": PG_URL.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")})
-    worker = WorkerProcess(down, tmp_path / "w.log", concurrency=1)
     try:
-        worker.wait_ready()
-        configure_app(down)
-        doc = copy.deepcopy(scenes_and_payloads[1][9])
-        doc["request_id"] = "survives-an-outage"
-        result = submit(doc)
-        time.sleep(8.0)  # longer than the pool's 5 s wait: the first attempt fails and is retried
-        assert store.count_fixes() == 0 and not result.ready()
-        proxy.open()
-        fix = result.get(timeout=90)
-        assert fix["request_id"] == "survives-an-outage"
-        assert store.count_fixes() == 1
-        assert "Retry in" in worker.log()  # it was retried, with backoff, not failed
+        with isolated_worker("dbdown", tmp_path / "w.log",
+                             database_url=PG_URL.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")) as (_, store, worker):
+            doc = copy.deepcopy(scenes_and_payloads[1][9])
+            doc["request_id"] = "survives-an-outage"
+            result = submit(doc)
+            time.sleep(8.0)  # longer than the pool's 5 s wait: the first attempt fails and is retried
+            assert store.count_fixes() == 0 and not result.ready()
+            proxy.open()
+            fix = result.get(timeout=90)
+            assert fix["request_id"] == "survives-an-outage"
+            assert store.count_fixes() == 1
+            assert "Retry in" in worker.log()  # it was retried, with backoff, not failed
     finally:
-        worker.stop()
         proxy.close()
-        configure_app(Settings.from_env())
-        store.close()
-        drop_live(servers)
 
 
 def test_redis_down_the_fix_still_reaches_the_database(tmp_path, scenes_and_payloads):
     from heimdall_inference.tasks import predict
 
-    servers = make_live("redisdown")
-    store = open_store(PG_URL, schema=servers.schema)
-    store.init_schema()
-    dead = Settings(**{**servers.settings.__dict__, "result_backend": "redis://127.0.0.1:1/0", "cache_url": ""})
-    worker = WorkerProcess(dead, tmp_path / "w.log", concurrency=1)
-    try:
-        worker.wait_ready()
-        configure_app(dead)
+    with isolated_worker("redisdown", tmp_path / "w.log", stop_timeout_s=10,
+                         result_backend="redis://127.0.0.1:1/0", cache_url="") as (_, store, worker):
         doc = copy.deepcopy(scenes_and_payloads[1][11])
         doc["request_id"] = "no-redis"
         predict.apply_async((doc,), ignore_result=True)  # the producer cannot read results either
@@ -116,8 +97,3 @@ def test_redis_down_the_fix_still_reaches_the_database(tmp_path, scenes_and_payl
             time.sleep(0.3)
         assert store.count_fixes() == 1
         assert worker.proc.poll() is None  # the worker survives a dead result backend
-    finally:
-        worker.stop(timeout_s=10)
-        configure_app(Settings.from_env())
-        store.close()
-        drop_live(servers)

@@ -29,7 +29,8 @@ def build(s: Settings) -> dict[str, Any]:
         task_reject_on_worker_lost=True,
         # Fixes take about a millisecond: a few reserved messages per child hide the broker round
         # trip without parking many messages in one child while others idle.
-        worker_prefetch_multiplier=s.prefetch_multiplier,
+        # With micro-batching (HEIMDALL_BATCH_MAX) a child can take up to batch_max at once.
+        worker_prefetch_multiplier=max(s.prefetch_multiplier, s.batch_max),
         # Keep retrying the broker at start-up (compose starts RabbitMQ and the workers together).
         broker_connection_retry_on_startup=True,
         # Far below RabbitMQ's consumer_timeout (30 min): a stuck task is killed and redelivered.
@@ -66,6 +67,9 @@ def build(s: Settings) -> dict[str, Any]:
     conf["broker_transport_options"] = {}
     conf["worker_detect_quorum_queues"] = amqp
     if s.result_backend.startswith(("redis://", "rediss://")):
+        # Celery's Redis backend, whose writes for a micro-batch of predict tasks go in one round
+        # trip (heimdall_inference.result_backend); anything else it does exactly as Celery's.
+        conf["result_backend"] = "heimdall_inference.result_backend:DeferredRedisBackend+" + s.result_backend
         # One key prefix for everything this deployment keeps in Redis (results and the cache).
         conf["result_backend_transport_options"] = {"global_keyprefix": s.redis_key_prefix}
     if s.result_backend.startswith("file://"):  # the embedded default's result folder must exist

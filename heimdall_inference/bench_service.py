@@ -54,9 +54,7 @@ class BenchConfig:
     chunk_size: int = 128
     inprocess_s: float = 5.0
     seed: int = 17
-    pool: str = "prefork"  #: worker pool of the started worker ("threads" for micro-batching)
-    threads: int = 16  #: concurrency of a threads pool
-    batch_max: int = 1  #: HEIMDALL_BATCH_MAX of the started worker (>1 micro-batches single tasks)
+    batch_max: int = 32  #: HEIMDALL_BATCH_MAX of the started worker (1: no micro-batching)
 
     @classmethod
     def quick(cls, **kw: Any) -> "BenchConfig":
@@ -89,6 +87,12 @@ class _Payloads:
         self.invalid = 0
         self._lock = threading.Lock()
 
+    def sample(self) -> dict[str, Any]:
+        """A valid payload for a task that ignores it (not counted: it never reaches the database)."""
+        with self._lock:
+            i = int(self.rng.integers(0, len(self.bin_docs)))
+        return self.bin_docs[i]
+
     def next(self, *, valid: bool = False) -> dict[str, Any]:
         with self._lock:
             self.count += 1
@@ -114,7 +118,7 @@ def _percentiles(lat_s: list[float]) -> dict[str, float]:
             "p99_ms": float(np.percentile(a, 99))}
 
 
-def _inprocess_worker(args: tuple) -> tuple[int, float]:
+def _inprocess_worker(args: tuple) -> tuple[int, float, float]:
     seconds, seed, model = args
     from .bench_inprocess import make_payloads
     from .pipeline import Localizer
@@ -122,23 +126,29 @@ def _inprocess_worker(args: tuple) -> tuple[int, float]:
     loc = Localizer(model or None)
     raw = make_payloads(loc, 128, seed)
     loc.predict_many(raw[:8])
-    n, t0 = 0, time.perf_counter()
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         loc.predict_many(raw)
         n += len(raw)
-    return n, time.perf_counter() - t0
+    return n, time.perf_counter() - t0, time.process_time() - c0
 
 
-def inprocess_limit(processes: int, seconds: float, seed: int, model: str = "") -> float:
-    """Fixes/s of the in-process pipeline (batches of 128) on ``processes`` processes at once."""
+def inprocess_limit(processes: int, seconds: float, seed: int, model: str = "") -> tuple[float, float]:
+    """Fixes/s of the in-process pipeline (batches of 128) on ``processes`` processes at once, and
+    the CPU milliseconds one fix costs there."""
     with get_context("spawn").Pool(processes) as pool:
         parts = pool.map(_inprocess_worker, [(seconds, seed + k, model) for k in range(processes)])
-    return sum(n for n, _ in parts) / max(t for _, t in parts)
+    fixes = sum(n for n, _, _ in parts)
+    return fixes / max(t for _, t, _ in parts), sum(c for _, _, c in parts) * 1e3 / max(1, fixes)
 
 
-def _burst_noop(noop, n: int) -> float:
+def _burst_noop(noop, n: int, payloads: "_Payloads | None" = None) -> float:
+    """Publish n no-op tasks, wait for all; with payloads, each carries a payload (msgpack) it ignores."""
     t0 = time.perf_counter()
-    results = [noop.apply_async((None,)) for _ in range(n)]
+    if payloads is None:
+        results = [noop.apply_async((None,)) for _ in range(n)]
+    else:
+        results = [noop.apply_async((payloads.sample(),), serializer="msgpack") for _ in range(n)]
     for r in results:
         r.get(timeout=120)
     return n / (time.perf_counter() - t0)
@@ -147,6 +157,7 @@ def _burst_noop(noop, n: int) -> float:
 def _closed_loop(submit, payloads: _Payloads, producers: int, seconds: float) -> dict[str, Any]:
     lat: list[float] = []
     timings: list[dict[str, float]] = []
+    sizes: list[int] = []
     errors = 0
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
@@ -162,6 +173,7 @@ def _closed_loop(submit, payloads: _Payloads, producers: int, seconds: float) ->
                 with lock:
                     lat.append(dt)
                     timings.append(fix.get("timings_ms", {}))
+                    sizes.append(fix.get("batch_size", 1))
             except Exception as exc:  # PayloadError for the deliberately invalid share
                 with lock:
                     if getattr(exc, "code", None) != "too_few_receivers":
@@ -174,7 +186,8 @@ def _closed_loop(submit, payloads: _Payloads, producers: int, seconds: float) ->
         t.join()
     elapsed = time.perf_counter() - t0
     return {"producers": producers, "fixes": len(lat), "throughput_per_s": len(lat) / elapsed, "errors": errors,
-            "error_rate": errors / max(1, len(lat) + errors), **_percentiles(lat), "_timings": timings}
+            "error_rate": errors / max(1, len(lat) + errors), **_percentiles(lat),
+            "mean_batch_size": float(np.mean(sizes)) if sizes else math.nan, "_timings": timings}
 
 
 def _open_loop(submit, payloads: _Payloads, rate_per_s: float, seconds: float, seed: int) -> dict[str, Any]:
@@ -232,6 +245,7 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
                       log_dir: Path | None = None, model: str = "", progress=print) -> dict[str, Any]:
     """Run every phase against ``settings``' broker/backend/database; returns the report dict."""
     from .client import submit
+    from .cpu_meter import CpuMeter
     from .embedded import WorkerProcess, configure_app
     from .store import open_store
     from .tasks import noop
@@ -248,12 +262,12 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
     log_dir = Path(log_dir or Path.cwd())
     try:
         progress(f"in-process limit on {cfg.workers} processes ...")
-        report["inprocess_fixes_per_s"] = inprocess_limit(cfg.workers, cfg.inprocess_s, cfg.seed, model)
+        report["inprocess_fixes_per_s"], report["inprocess_cpu_ms_per_fix"] = inprocess_limit(
+            cfg.workers, cfg.inprocess_s, cfg.seed, model)
         if start_worker:
             t0 = time.perf_counter()
             env = {"HEIMDALL_BATCH_MAX": str(cfg.batch_max), **({"HEIMDALL_MODEL_PATH": model} if model else {})}
-            worker = WorkerProcess(settings, log_dir / f"{run_id}-worker.log", pool=cfg.pool,
-                                   concurrency=cfg.threads if cfg.pool == "threads" else cfg.workers, extra_env=env)
+            worker = WorkerProcess(settings, log_dir / f"{run_id}-worker.log", concurrency=cfg.workers, extra_env=env)
             worker.wait_ready()
             report["worker_ready_s"] = time.perf_counter() - t0
             t1 = time.perf_counter()
@@ -262,9 +276,22 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
             report["first_fix_after_ready_s"] = time.perf_counter() - t1
         for _ in range(20):  # warm every child
             submit(payloads.next(valid=True)).get(timeout=60)
-        progress("throughput bursts (noop, predict) ...")
-        report["noop_per_s"] = _burst_noop(noop, cfg.burst)
-        report["predict_per_s"], report["predict_burst_errors"] = _burst_predict(payloads, cfg.burst)
+        progress("throughput bursts (noop, noop with a payload, predict) ...")
+        meter = CpuMeter(worker.proc.pid if worker is not None else None)
+        cpu: dict[str, Any] = {}
+
+        def metered(name: str, fn, tasks: int):
+            before = meter.sample()
+            out = fn()
+            cpu[name] = meter.per_task(before, meter.sample(), tasks)
+            return out
+
+        report["noop_per_s"] = metered("noop", lambda: _burst_noop(noop, cfg.burst), cfg.burst)
+        report["noop_payload_per_s"] = metered("noop_payload", lambda: _burst_noop(noop, cfg.burst, payloads),
+                                               cfg.burst)
+        report["predict_per_s"], report["predict_burst_errors"] = metered(
+            "predict", lambda: _burst_predict(payloads, cfg.burst), cfg.burst)
+        report["cpu"] = cpu
         report["closed_loop"] = []
         timings: list[dict[str, float]] = []
         for c in cfg.closed_levels:
@@ -285,17 +312,21 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
         t0 = time.perf_counter()
         from .client import predict_batch as client_batch
 
-        summary = client_batch(docs, chunk_size=cfg.chunk_size, timeout_s=600)
+        summary = metered("batch", lambda: client_batch(docs, chunk_size=cfg.chunk_size, timeout_s=600),
+                          cfg.batch_payloads)
         batch_s = time.perf_counter() - t0
         report["batch"] = {"payloads": cfg.batch_payloads, "chunk_size": cfg.chunk_size, "seconds": batch_s,
                            "fixes": summary["fixes"], "errors": summary["errors"],
                            "rows": store.count_fixes() - before,
-                           "fixes_per_s": summary["fixes"] / batch_s}
+                           "fixes_per_s": summary["fixes"] / batch_s,
+                           "child_ms_per_chunk": {k: v / max(1, summary["chunks"])
+                                                  for k, v in summary.get("timings_ms", {}).items()}}
         report["split_ms"] = {k: float(np.mean([t.get(k, 0.0) for t in timings]))
                               for k in ("queue", "decode", "features", "inference", "store")} if timings else {}
         report["message_bytes"] = _message_bytes(payloads)
         report["ratios"] = {
             "single_over_noop": report["predict_per_s"] / report["noop_per_s"],
+            "single_over_noop_payload": report["predict_per_s"] / report["noop_payload_per_s"],
             "batch_over_inprocess": report["batch"]["fixes_per_s"] / report["inprocess_fixes_per_s"],
         }
     finally:
@@ -326,18 +357,19 @@ def _burst_predict(payloads: _Payloads, n: int) -> tuple[float, int]:
 
 def format_report(r: dict[str, Any]) -> str:
     c = r.get("config", {})
-    pool = (f"threads pool x{c.get('threads')}, micro-batches of up to {c.get('batch_max')}"
-            if c.get("pool") == "threads" else f"{r['workers']} prefork children")
+    pool = f"{r['workers']} prefork children, micro-batches of up to {c.get('batch_max')}"
     lines = [f"heimdall service benchmark {r['run_id']}: {pool}, broker {r['broker']}"]
     if "worker_ready_s" in r:
         lines.append(f"worker ready {r['worker_ready_s']:.2f} s; cold start to first fix {r['cold_start_to_first_fix_s']:.2f} s")
     lines.append(f"in-process limit ({r['workers']} processes): {r['inprocess_fixes_per_s']:.0f} fixes/s")
     lines.append(f"noop floor {r['noop_per_s']:.0f} tasks/s; heimdall.predict {r['predict_per_s']:.0f} fixes/s "
                  f"-> ratio {r['ratios']['single_over_noop']:.2f} (target >= 0.75)")
-    lines.append(f"{'closed loop':>12} {'fixes/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} errors")
+    lines.append(f"noop carrying the same payloads {r['noop_payload_per_s']:.0f} tasks/s -> predict / that "
+                 f"{r['ratios']['single_over_noop_payload']:.2f}")
+    lines.append(f"{'closed loop':>12} {'fixes/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} errors batch")
     for c in r["closed_loop"]:
         lines.append(f"{c['producers']:>12} {c['throughput_per_s']:>8.0f} {c['p50_ms']:>7.1f} {c['p95_ms']:>7.1f} "
-                     f"{c['p99_ms']:>7.1f} {c['errors']}")
+                     f"{c['p99_ms']:>7.1f} {c['errors']:>6} {c.get('mean_batch_size', math.nan):>5.1f}")
     lines.append(f"{'open loop':>12} {'rate/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} bounded")
     for o in r["open_loop"]:
         lines.append(f"{int(o['fraction_of_peak'] * 100):>11}% {o['target_rate_per_s']:>8.0f} {o['p50_ms']:>7.1f} "
@@ -348,6 +380,14 @@ def format_report(r: dict[str, Any]) -> str:
                  "(target >= 0.85)")
     if r.get("split_ms"):
         lines.append("per-task split (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in r["split_ms"].items()))
+    if r.get("cpu"):
+        groups = sorted({g for c in r["cpu"].values() for g in c["cpu_ms_per_task"]})
+        lines.append("CPU ms per task (per payload for the batch) by process: "
+                     f"in-process pipeline {r.get('inprocess_cpu_ms_per_fix', math.nan):.2f} per fix")
+        lines.append(f"{'phase':>13} " + " ".join(f"{g[:15]:>15}" for g in groups) + f" {'total':>7} cores")
+        for phase, c in r["cpu"].items():
+            lines.append(f"{phase:>13} " + " ".join(f"{c['cpu_ms_per_task'].get(g, 0.0):>15.2f}" for g in groups)
+                         + f" {c['total_cpu_ms_per_task']:>7.2f} {c['cores_busy']:.2f}")
     m = r["message_bytes"]
     lines.append(f"broker bytes per fix: JSON/base64 {m['json_base64_bytes_per_fix'] / 1024:.1f} KiB, msgpack "
                  f"{m['msgpack_bytes_per_fix'] / 1024:.1f} KiB ({m['msgpack_over_json']:.2f}x)")

@@ -33,21 +33,36 @@ class FixCache:
         return f"{self.prefix}fix:{model_version}:{digest}"
 
     def get(self, model_version: str, digest: str) -> dict[str, Any] | None:
+        return self.get_many(model_version, [digest])[0]
+
+    def get_many(self, model_version: str, digests: list[str]) -> list[dict[str, Any] | None]:
+        """One round trip (MGET) for a micro-batch; a Redis error is a miss for all of them."""
+        if not digests:
+            return []
         try:
-            raw = self.client.get(self.key(model_version, digest))
+            raws = self.client.mget([self.key(model_version, d) for d in digests])
         except redis.RedisError as exc:
             self.errors += 1
             log.warning("prediction cache unavailable (%s); computing the fix", exc)
-            raw = None
-        if raw is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        return json.loads(raw)
+            raws = [None] * len(digests)
+        out = [json.loads(r) if r is not None else None for r in raws]
+        hits = sum(o is not None for o in out)
+        self.hits += hits
+        self.misses += len(out) - hits
+        return out
 
     def put(self, model_version: str, digest: str, fix: dict[str, Any]) -> None:
+        self.put_many(model_version, [(digest, fix)])
+
+    def put_many(self, model_version: str, items: list[tuple[str, dict[str, Any]]]) -> None:
+        """One round trip (a pipeline of SETs with the TTL) for a micro-batch."""
+        if not items:
+            return
         try:
-            self.client.set(self.key(model_version, digest), json.dumps(fix), ex=self.ttl_s)
+            with self.client.pipeline(transaction=False) as pipe:
+                for digest, fix in items:
+                    pipe.set(self.key(model_version, digest), json.dumps(fix), ex=self.ttl_s)
+                pipe.execute()
         except redis.RedisError as exc:
             self.errors += 1
             log.warning("prediction cache unavailable (%s); fix not cached", exc)

@@ -63,9 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--embedded", action="store_true", help="service bench on the embedded transport (no servers)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="worker children")
     p.add_argument("--no-start-worker", action="store_true", help="use workers that are already running")
-    p.add_argument("--pool", choices=("prefork", "threads"), default="prefork", help="pool of the started worker")
-    p.add_argument("--batch-max", type=int, default=1,
-                   help="micro-batch concurrent single tasks up to this many (with --pool threads)")
+    p.add_argument("--batch-max", type=int, default=32,
+                   help="HEIMDALL_BATCH_MAX of the started worker: micro-batches of single tasks (1 = off)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="latency vs load, throughput vs concurrency (PNG)")
     _add_model(p)
@@ -164,7 +163,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .settings import Settings
 
     cfg = (BenchConfig.tiny if args.tiny else BenchConfig.quick if args.quick else BenchConfig)(
-        workers=args.workers, pool=args.pool, batch_max=args.batch_max)
+        workers=args.workers, batch_max=args.batch_max)
     tmp = Path(tempfile.mkdtemp(prefix="heimdall-bench-"))
     settings = Settings.embedded(tmp) if args.embedded else Settings.from_env()
     report = run_service_bench(settings, cfg, start_worker=not args.no_start_worker, log_dir=tmp,

@@ -89,8 +89,7 @@ class Service:
                 out[i] = exc
         decode_ms = (time.time() - t0) * 1e3 / max(1, len(requests))
         misses: list[tuple[int, DecodedPayload]] = []
-        for i, d in decoded:
-            hit = self._cached(d, requests[i].task_id)
+        for (i, d), hit in zip(decoded, self._cached([d for _, d in decoded], [requests[i].task_id for i, _ in decoded])):
             if hit is None:
                 misses.append((i, d))
             else:
@@ -99,13 +98,15 @@ class Service:
         if misses:
             fixes = self.localizer.fixes([d for _, d in misses], decode_ms=decode_ms * len(misses),
                                          task_ids=[requests[i].task_id for i, _ in misses], alias=self.alias)
-            for (i, d), fix in zip(misses, fixes):
-                self._cache_put(d, fix)
+            for (i, _), fix in zip(misses, fixes):
                 out[i] = fix
+            self._cache_put([(d, fix) for (_, d), fix in zip(misses, fixes)])
         good = [f for f in out if isinstance(f, dict)]
         for r, f in zip(requests, out):
-            if isinstance(f, dict) and r.sent_at_s is not None:
-                f["timings_ms"]["queue"] = round(max(0.0, t0 - r.sent_at_s) * 1e3, 3)
+            if isinstance(f, dict):
+                f["batch_size"] = len(requests)  # handled in one pass with this many requests
+                if r.sent_at_s is not None:
+                    f["timings_ms"]["queue"] = round(max(0.0, t0 - r.sent_at_s) * 1e3, 3)
         if good:
             self._store(good)
         self.counters.fixes += len(good)
@@ -135,22 +136,27 @@ class Service:
         except Exception:  # recording must not turn a clean rejection into a crash
             log.exception("could not record a rejected payload (%s)", exc.code)
 
-    def _cached(self, decoded: DecodedPayload, task_id: str | None) -> dict[str, Any] | None:
-        if self.cache is None or not decoded.options.cache:
-            return None
-        hit = self.cache.get(self.model_version, decoded.digest)
-        if hit is None:
-            self.counters.cache_misses += 1
-            return None
-        self.counters.cache_hits += 1
-        hit.update(task_id=task_id, request_id=decoded.request_id, captured_at=decoded.captured_at, cached=True,
-                   timings_ms={"features": 0.0, "inference": 0.0})
-        hit["model"]["alias"] = self.alias
-        return hit
+    def _cached(self, decoded: Sequence[DecodedPayload], task_ids: Sequence[str | None]) -> list[dict[str, Any] | None]:
+        """Cached fixes for the payloads that allow it (one round trip), None for the others."""
+        out: list[dict[str, Any] | None] = [None] * len(decoded)
+        asks = [k for k, d in enumerate(decoded) if d.options.cache]
+        if self.cache is None or not asks:
+            return out
+        for k, hit in zip(asks, self.cache.get_many(self.model_version, [decoded[k].digest for k in asks])):
+            if hit is None:
+                self.counters.cache_misses += 1
+                continue
+            self.counters.cache_hits += 1
+            d = decoded[k]
+            hit.update(task_id=task_ids[k], request_id=d.request_id, captured_at=d.captured_at, cached=True,
+                       timings_ms={"features": 0.0, "inference": 0.0})
+            hit["model"]["alias"] = self.alias
+            out[k] = hit
+        return out
 
-    def _cache_put(self, decoded: DecodedPayload, fix: dict[str, Any]) -> None:
-        if self.cache is not None and decoded.options.cache:
-            self.cache.put(self.model_version, decoded.digest, fix)
+    def _cache_put(self, computed: Sequence[tuple[DecodedPayload, dict[str, Any]]]) -> None:
+        if self.cache is not None:
+            self.cache.put_many(self.model_version, [(d.digest, fix) for d, fix in computed if d.options.cache])
 
     def _store(self, fixes: list[dict[str, Any]]) -> None:
         t0 = time.perf_counter()

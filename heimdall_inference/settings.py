@@ -39,7 +39,7 @@ class Settings:
     db_schema: str = "public"  #: PostgreSQL schema of the predictions and rejections tables
     db_retry_max: int = 40  #: task retries (backoff 1 s doubling, capped at 60 s) while the database is unreachable
     redis_key_prefix: str = "heimdall:"  #: prefix of every Redis key (prediction cache and task results)
-    batch_max: int = 1  #: >1: micro-batch concurrent heimdall.predict tasks (run the worker with -P threads)
+    batch_max: int = 32  #: prefork: up to this many waiting heimdall.predict tasks per child pass (1 = off)
     queue: str = "heimdall.predict"  #: the work queue
     s3_endpoint_url: str = ""  #: MinIO/S3 endpoint for iq_ref claim checks ("" = iq_ref not served)
     metrics_port: int = 0  #: Prometheus /metrics and /healthz port per worker (0 = off)

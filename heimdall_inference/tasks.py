@@ -18,26 +18,31 @@ from celery import chord, group
 
 from .celery import app
 from .errors import PayloadCode, PayloadError, TransientError
-from .service import Request, summarize
-from .worker import get_batcher, get_service
+from .pool_batching import MISSING, SENT_AT_HEADER, take_precomputed
+from .service import summarize
+from .worker import get_service
 
 __all__ = ["predict", "predict_chunk", "predict_batch", "collect", "model_info", "noop", "batch_signature"]
 
-SENT_AT_HEADER = "heimdall_sent_at"
 MAX_BATCH_PAYLOADS = 1000  #: heimdall.predict_batch carries its payloads in one message; cap it
 
 _retry = dict(autoretry_for=(TransientError,), retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
               max_retries=8, throws=(PayloadError,))
 
 
-@app.task(name="heimdall.predict", bind=True, **_retry)
+@app.task(name="heimdall.predict", bind=True, Strategy="heimdall_inference.pool_batching:strategy", **_retry)
 def predict(self, payload: Any) -> dict[str, Any]:
+    done = take_precomputed(self.request.id)  # computed with others by pool_batching.run_batch
+    if done is not MISSING:
+        if isinstance(done, BaseException):
+            raise done
+        return done
     sent = getattr(self.request, SENT_AT_HEADER, None) or (self.request.headers or {}).get(SENT_AT_HEADER)
-    request = Request(payload, self.request.id, float(sent) if isinstance(sent, (int, float, str)) else None)
-    batcher = get_batcher()
-    if batcher is not None:  # threads pool: concurrent tasks share one pass and one transaction
-        return batcher.submit(request)
-    return get_service().predict(request.payload, task_id=request.task_id, sent_at_s=request.sent_at_s)
+    try:
+        sent_at_s = float(sent) if sent is not None else None
+    except (TypeError, ValueError):
+        sent_at_s = None
+    return get_service().predict(payload, task_id=self.request.id, sent_at_s=sent_at_s)
 
 
 @app.task(name="heimdall.predict_chunk", bind=True, **_retry)

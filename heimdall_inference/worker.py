@@ -16,20 +16,17 @@ from celery.signals import worker_init, worker_process_init, worker_process_shut
 
 from .cache import FixCache
 from .pipeline import Localizer
-from .batching import MicroBatcher
 from .service import Service
 from .session import SessionOptions
 from .settings import Settings
 from .store import open_store
 from .topology import dead_queue, is_amqp
 
-__all__ = ["get_service", "get_batcher", "build_service", "reset_service"]
+__all__ = ["get_service", "build_service", "reset_service"]
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _service: Service | None = None
-_batcher: MicroBatcher | None = None
-_batcher_decided = False
 
 
 def build_service(settings: Settings) -> Service:
@@ -63,18 +60,6 @@ def get_service() -> Service:
             if _service is None:
                 _service = build_service(Settings.from_env())
     return _service
-
-
-def get_batcher() -> MicroBatcher | None:
-    """This process' micro-batcher when ``HEIMDALL_BATCH_MAX`` > 1, else None (decided once)."""
-    global _batcher, _batcher_decided
-    if not _batcher_decided:
-        with _lock:
-            if not _batcher_decided:
-                batch_max = Settings.from_env().batch_max
-                _batcher = MicroBatcher(get_service, batch_max) if batch_max > 1 else None
-                _batcher_decided = True
-    return _batcher
 
 
 def reset_service(service: Service | None = None) -> None:

@@ -1,0 +1,202 @@
+"""Micro-batching of single ``heimdall.predict`` tasks across the prefork pool.
+
+A fix costs well under a millisecond when computed with others (one feature pass, one ONNX run,
+one database transaction) and about twice that alone. Celery hands a prefork child one message at a
+time, so batching has to happen before the pool: ``heimdall.predict``'s execution strategy is
+Celery's default one (same received/ETA/expiry/revoke/rate-limit handling, same Request objects),
+except that a request ready to run goes to a :class:`PoolBatcher` in the worker's main process
+instead of straight to the pool.
+
+The batcher is greedy and adds no latency: while a child is free it sends whatever is waiting at
+once (a lone request runs alone); while every child is busy, requests gather, and the next child
+to finish takes up to ``batch_max`` of them. Batch size therefore follows the load.
+
+In the child, :func:`run_batch` computes the whole batch through
+:meth:`Service.predict_requests`, then runs each request through Celery's own tracer, whose task
+body only hands over the precomputed outcome. Results, typed failures, autoretry on an unreachable
+database, signals and logs are therefore exactly those of a single task, and the main process acks
+or rejects each message with Celery's own Request callbacks (``task_acks_late``: a message is
+acknowledged after its row is committed).
+
+A batch that fails as a whole (its child was killed, or hit the hard time limit) is not failed as
+a whole: each of its requests is run again alone, so that a poison message meets the single-task
+treatment (redelivery, then ``heimdall.dead``) and its neighbours are unaffected. Messages with
+an ETA (retries) and other pools keep Celery's default path.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+from celery.worker.strategy import default as default_strategy
+
+__all__ = ["PoolBatcher", "strategy", "run_batch", "take_precomputed", "MISSING", "SENT_AT_HEADER"]
+
+log = logging.getLogger(__name__)
+
+SENT_AT_HEADER = "heimdall_sent_at"
+MISSING = object()
+_precomputed: dict[str, Any] = {}  #: in a child: task id -> fix or exception, for the tracer's task body
+
+
+def take_precomputed(task_id: str | None) -> Any:
+    """The outcome :func:`run_batch` computed for this task (fix or exception), or MISSING."""
+    if task_id is None:
+        return MISSING
+    return _precomputed.pop(task_id, MISSING)
+
+
+def _sent_at(request_dict: dict[str, Any]) -> float | None:
+    v = request_dict.get(SENT_AT_HEADER) or (request_dict.get("headers") or {}).get(SENT_AT_HEADER)
+    try:
+        return float(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def run_batch(items: list[tuple]) -> list[Any]:
+    """In a pool child: compute a batch of predict requests, then trace each one like Celery would.
+
+    ``items`` are the arguments Celery gives its tracer for one request (task name, id, request
+    dict, body, content type and encoding). Returns the tracer's ``(failed, retval, runtime)`` for
+    each, which the main process hands to that request's ``on_success``.
+    """
+    from celery import current_app
+    from celery.app.trace import fast_trace_task, trace_task_ret
+    from kombu.serialization import loads, prepare_accept_content
+
+    from .result_backend import deferred_writes
+    from .service import Request
+    from .worker import get_service
+
+    app = current_app._get_current_object()
+    accept = prepare_accept_content(app.conf.accept_content)
+    requests: list[Request] = []
+    batched: list[str] = []
+    for _name, task_id, request_dict, body, ctype, cenc in items:
+        try:
+            args, kwargs, _ = loads(body, ctype, cenc, accept=accept) if ctype else body
+        except Exception:  # the tracer reports it for this request alone
+            continue
+        if len(args) == 1 and not kwargs:
+            payload = args[0]
+        elif not args and set(kwargs) == {"payload"}:
+            payload = kwargs["payload"]
+        else:
+            continue  # a wrong signature: the tracer reports it
+        requests.append(Request(payload, task_id, _sent_at(request_dict)))
+        batched.append(task_id)
+    if requests:
+        try:
+            outcomes: list[Any] = list(get_service().predict_requests(requests))
+        except Exception as exc:  # a store or model failure: every request gets it (TransientError retries)
+            outcomes = [exc] * len(requests)
+        _precomputed.update(zip(batched, outcomes))
+    trace = fast_trace_task if app.use_fast_trace_task else trace_task_ret
+    try:
+        with deferred_writes(app.backend):  # the batch's results in one Redis round trip, before any ack
+            return [trace(*item) for item in items]
+    finally:
+        for task_id in batched:
+            _precomputed.pop(task_id, None)
+
+
+class PoolBatcher:
+    """Gathers ready requests in the worker's main process and sends them to the pool in batches."""
+
+    def __init__(self, pool: Any, batch_max: int, slots: int | None = None) -> None:
+        self.pool = pool
+        self.batch_max = max(1, int(batch_max))
+        self.slots = max(1, int(slots if slots is not None else getattr(pool, "num_processes", 1) or 1))
+        self.waiting: deque = deque()
+        self.in_flight = 0
+        self.sizes: deque[int] = deque(maxlen=1000)  #: recent batch sizes (metrics, tests)
+
+    def submit(self, req: Any) -> None:
+        """The consumer's ``on_task_request`` for predict tasks: queue, then send what can go."""
+        if req.revoked():
+            return
+        self.waiting.append(req)
+        self.pump()
+
+    def pump(self) -> None:
+        while self.waiting and self.in_flight < self.slots:
+            batch = [self.waiting.popleft() for _ in range(min(self.batch_max, len(self.waiting)))]
+            batch = [r for r in batch if not r.revoked()]
+            if batch:
+                self._send(batch)
+
+    def _send(self, batch: list[Any]) -> None:
+        self.in_flight += 1
+        self.sizes.append(len(batch))
+        hard, soft = batch[0].time_limits
+        task = batch[0].task
+        items = [(r._type, r.id, r._request_dict, r._body, r._content_type, r._content_encoding) for r in batch]
+
+        def accepted(pid: int, time_accepted: float) -> None:
+            for r in batch:
+                r.on_accepted(pid, time_accepted)
+
+        def timed_out(soft_limit: bool, timeout: float) -> None:
+            for r in batch:
+                r.on_timeout(soft_limit, timeout)
+
+        def done(results: list[Any]) -> None:
+            try:
+                for r, res in zip(batch, results):
+                    r.on_success(res)
+            finally:
+                self._finished()
+
+        def failed(exc_info: Any) -> None:
+            try:
+                if len(batch) == 1:
+                    batch[0].on_failure(exc_info)
+                else:
+                    log.warning("a batch of %d predict tasks failed as a whole (%r); running each alone",
+                                len(batch), getattr(exc_info, "exception", exc_info))
+                    for r in batch:
+                        if not r.revoked():
+                            r.execute_using_pool(self.pool)
+            finally:
+                self._finished()
+
+        try:
+            self.pool.apply_async(run_batch, args=(items,), accept_callback=accepted, timeout_callback=timed_out,
+                                  callback=done, error_callback=failed,
+                                  soft_timeout=soft or task.soft_time_limit, timeout=hard or task.time_limit)
+        except BaseException:
+            self._finished()
+            raise
+
+    def _finished(self) -> None:
+        self.in_flight -= 1
+        self.pump()
+
+
+class _ConsumerView:
+    """The consumer as Celery's default strategy sees it, with ``on_task_request`` replaced."""
+
+    def __init__(self, consumer: Any, on_task_request: Any) -> None:
+        self._consumer = consumer
+        self.on_task_request = on_task_request
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """``heimdall.predict``'s execution strategy: Celery's default, batching on the prefork pool."""
+    from celery.concurrency.prefork import TaskPool
+
+    from .settings import Settings
+
+    batch_max = Settings.from_env().batch_max
+    if batch_max <= 1 or not isinstance(consumer.pool, TaskPool):
+        return default_strategy(task, app, consumer, **kwargs)
+    batcher = PoolBatcher(consumer.pool, batch_max)
+    consumer.heimdall_batcher = batcher  # for inspection
+    log.info("heimdall.predict: micro-batches of up to %d over %d children", batch_max, batcher.slots)
+    return default_strategy(task, app, _ConsumerView(consumer, batcher.submit), **kwargs)

@@ -19,7 +19,7 @@ from celery.result import AsyncResult
 from .tasks import SENT_AT_HEADER, batch_signature
 from .tasks import predict as predict_task
 
-__all__ = ["submit", "predict", "predict_batch", "serializer_for"]
+__all__ = ["submit", "predict", "predict_batch", "serializer_for", "payload_repr"]
 
 
 def serializer_for(payload: Any) -> str:
@@ -39,8 +39,23 @@ def serializer_for(payload: Any) -> str:
 def submit(payload: dict[str, Any] | bytes, *, task_id: str | None = None, **options: Any) -> AsyncResult:
     """Publish one ``heimdall.predict`` task; returns its AsyncResult."""
     headers = {SENT_AT_HEADER: time.time(), **options.pop("headers", {})}
+    options.setdefault("argsrepr", payload_repr(payload))
     return predict_task.apply_async((payload,), task_id=task_id, serializer=options.pop("serializer", None)
                                     or serializer_for(payload), headers=headers, **options)
+
+
+def payload_repr(payload: Any) -> str:
+    """What logs, Flower and the message headers show for a payload instead of Celery's repr of it.
+
+    Celery would put a 1 KB repr of the IQ in every message's headers, walking the whole payload
+    to make it (about 0.2 ms of the producer's CPU per task)."""
+    if isinstance(payload, dict):
+        recs = payload.get("receivers")
+        n = len(recs) if isinstance(recs, list) else "?"
+        rid = payload.get("request_id")
+        rid = rid[:64] if isinstance(rid, str) else None
+        return f"(<{str(payload.get('schema'))[:32]} request_id={rid!r} receivers={n}>,)"
+    return f"(<{type(payload).__name__} of {len(payload)} bytes>,)" if hasattr(payload, "__len__") else "(<payload>,)"
 
 
 def predict(payload: dict[str, Any] | bytes, *, timeout_s: float = 30.0) -> dict[str, Any]:

@@ -61,7 +61,8 @@ def batch_signature(payloads: list[Any], chunk_size: int = 64, serializer: str =
     """chord(group(predict_chunk ...), collect): the fixes go to the database, the summary comes back."""
     if chunk_size < 1:
         raise ValueError("chunk_size must be positive")
-    chunks = [predict_chunk.s(payloads[i:i + chunk_size], i).set(serializer=serializer)
+    chunks = [predict_chunk.s(payloads[i:i + chunk_size], i).set(
+                  serializer=serializer, argsrepr=f"(<{len(payloads[i:i + chunk_size])} payloads>, {i})")
               for i in range(0, len(payloads), chunk_size)]
     return chord(group(chunks), collect.s())
 

@@ -27,10 +27,11 @@ def build(s: Settings) -> dict[str, Any]:
         # is redelivered instead of lost; the quorum queue's delivery limit ends poison loops.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # Fixes take about a millisecond: a few reserved messages per child hide the broker round
-        # trip without parking many messages in one child while others idle.
-        # With micro-batching (HEIMDALL_BATCH_MAX) a child can take up to batch_max at once.
-        worker_prefetch_multiplier=max(s.prefetch_multiplier, s.batch_max),
+        # Fixes take about a millisecond: reserved messages per child hide the broker round trip.
+        # They are also what a free child's micro-batch is drawn from (HEIMDALL_BATCH_MAX caps it):
+        # 100 closed-loop producers got ~460 fixes/s with 32, ~360 with 8 or 16 (docs/performance.md).
+        # The price is memory for chords: 32 x children chunk messages of ~4 MB (64 payloads) each.
+        worker_prefetch_multiplier=s.prefetch_multiplier,
         # Keep retrying the broker at start-up (compose starts RabbitMQ and the workers together).
         broker_connection_retry_on_startup=True,
         # Far below RabbitMQ's consumer_timeout (30 min): a stuck task is killed and redelivered.

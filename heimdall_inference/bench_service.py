@@ -52,7 +52,7 @@ class BenchConfig:
     open_fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     open_s: float = 10.0  #: seconds per open-loop level
     batch_payloads: int = 10_000
-    chunk_size: int = 128
+    chunk_size: int = 64  #: the client's default
     inprocess_s: float = 5.0
     seed: int = 17
     batch_max: int = 32  #: HEIMDALL_BATCH_MAX of the started worker (1: no micro-batching)

@@ -34,7 +34,7 @@ class Settings:
     task_soft_time_limit_s: float = 20.0  #: SoftTimeLimitExceeded after this long
     task_time_limit_s: float = 30.0  #: the child is killed after this long (well below consumer_timeout)
     delivery_limit: int = 5  #: quorum queue redeliveries before a message is dead-lettered
-    prefetch_multiplier: int = 4  #: messages reserved per child: short tasks want a few
+    prefetch_multiplier: int = 32  #: messages reserved per child: micro-batches are drawn from them
     db_pool_max: int = 4  #: PostgreSQL connections per worker child
     db_schema: str = "public"  #: PostgreSQL schema of the predictions and rejections tables
     db_retry_max: int = 40  #: task retries (backoff 1 s doubling, capped at 60 s) while the database is unreachable

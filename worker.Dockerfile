@@ -18,9 +18,11 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 COPY celeryconfig.py ./
 USER 10001:10001
-# A worker that answers a broadcast ping is alive and consuming.
-HEALTHCHECK --interval=30s --timeout=15s --start-period=30s --retries=3 \
-  CMD ["sh", "-c", "celery -A heimdall_inference inspect ping -d celery@$HOSTNAME --timeout 10"]
+# /metrics for Prometheus and /healthz (live children and a broker connection) on HEIMDALL_METRICS_PORT.
+ENV HEIMDALL_METRICS_PORT=9808
+EXPOSE 9808
+HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9808/healthz', timeout=5)"]
 # SIGTERM = warm shutdown: running tasks finish, unacknowledged ones return to the queue.
 STOPSIGNAL SIGTERM
 CMD ["celery", "-A", "heimdall_inference", "worker", "--loglevel", "INFO", "--concurrency", "2"]

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .cache import FixCache
-from .errors import PayloadError
+from .metrics import ServiceMetrics
+from .errors import PayloadError, TransientError
 from .payload import DecodedPayload
 from .pipeline import Localizer, RawPayload
 from .store import Store, fix_row, rejection_row
@@ -50,11 +51,12 @@ class Service:
     """One worker process' pipeline around a warm :class:`Localizer`."""
 
     def __init__(self, localizer: Localizer, store: Store, cache: FixCache | None = None, *,
-                 alias: str | None = None) -> None:
+                 alias: str | None = None, metrics: ServiceMetrics | None = None) -> None:
         self.localizer = localizer
         self.store = store
         self.cache = cache
         self.alias = alias
+        self.metrics = metrics
         self.counters = Counters()
 
     @property
@@ -111,6 +113,9 @@ class Service:
             self._store(good)
         self.counters.fixes += len(good)
         self.counters.batches += 1
+        if self.metrics is not None:
+            self.metrics.batch.observe(len(requests))
+            self.metrics.fixes_done(good)
         return out  # type: ignore[return-value]
 
     def _decode_or_record(self, payload: RawPayload, task_id: str | None, *, digest: bool = True) -> DecodedPayload:
@@ -122,6 +127,8 @@ class Service:
 
     def _reject(self, exc: PayloadError, payload: RawPayload, task_id: str | None) -> None:
         self.counters.rejected[exc.code] = self.counters.rejected.get(exc.code, 0) + 1
+        if self.metrics is not None:
+            self.metrics.rejections.labels(code=exc.code).inc()
         receivers, request_id = [], None
         if isinstance(payload, dict):
             rid = payload.get("request_id")
@@ -142,7 +149,11 @@ class Service:
         asks = [k for k, d in enumerate(decoded) if d.options.cache]
         if self.cache is None or not asks:
             return out
-        for k, hit in zip(asks, self.cache.get_many(self.model_version, [decoded[k].digest for k in asks])):
+        hits = self.cache.get_many(self.model_version, [decoded[k].digest for k in asks])
+        if self.metrics is not None:
+            found = sum(h is not None for h in hits)
+            self.metrics.cache_lookups(found, len(hits) - found)
+        for k, hit in zip(asks, hits):
             if hit is None:
                 self.counters.cache_misses += 1
                 continue
@@ -161,7 +172,12 @@ class Service:
     def _store(self, fixes: list[dict[str, Any]]) -> None:
         t0 = time.perf_counter()
         rows = [fix_row(f) for f in fixes]
-        new = self.store.write_fixes(rows)
+        try:
+            new = self.store.write_fixes(rows)
+        except TransientError:
+            if self.metrics is not None:
+                self.metrics.store_errors.inc()
+            raise
         self.counters.stored_new += new
         self.counters.stored_duplicate += len(rows) - new
         ms = (time.perf_counter() - t0) * 1e3 / max(1, len(fixes))
@@ -193,6 +209,8 @@ class Service:
             self._store(fixes)
         t3 = time.perf_counter()
         self.counters.fixes += len(fixes)
+        if self.metrics is not None:
+            self.metrics.fixes_done(fixes)
         return {"payloads": len(payloads), "fixes": len(fixes), "errors": errors,
                 "timings_ms": {"decode": round((t1 - t0) * 1e3, 3), "locate": round((t2 - t1) * 1e3, 3),
                                "store": round((t3 - t2) * 1e3, 3)}}

@@ -27,12 +27,15 @@ def test_compose_file_is_valid_and_complete(tmp_path):
     import json
 
     cfg = json.loads(res.stdout)
-    assert {"rabbitmq", "redis", "db", "minio", "mlflow", "flower", "worker"} <= set(cfg["services"])
+    assert {"rabbitmq", "redis", "db", "minio", "mlflow", "flower", "worker", "prometheus"} <= set(cfg["services"])
     assert cfg["services"]["db"]["image"].startswith("timescale/timescaledb")
     worker = cfg["services"]["worker"]
     assert worker["build"]["dockerfile"] == "worker.Dockerfile"
     assert "container_name" not in worker  # --scale worker=N needs unnamed containers
     assert worker["environment"]["HEIMDALL_BROKER_URL"].startswith("amqp://")
+    assert worker["environment"]["HEIMDALL_METRICS_PORT"] == "9808"
+    scrape = (ROOT / "deploy" / "prometheus.yml").read_text()
+    assert "names: [worker]" in scrape and "port: 9808" in scrape
     # the validator really validates: a broken file fails
     bad = tmp_path / "bad.yml"
     bad.write_text("services: {x: {image: 1}}\n")

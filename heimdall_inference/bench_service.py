@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from .metrics import STAGES
 from .settings import Settings
 
 __all__ = ["BenchConfig", "run_service_bench", "format_report"]
@@ -288,11 +289,11 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
         meter = CpuMeter(worker.proc.pid if worker is not None else None)
         cpu: dict[str, Any] = {}
 
-        def metered(name: str, fn, tasks: int):
+        def metered(fn, tasks: int) -> tuple[Any, dict[str, Any]]:
+            """fn's result and the CPU per task each process group spent while it ran."""
             before = meter.sample()
             out = fn()
-            cpu[name] = meter.per_task(before, meter.sample(), tasks)
-            return out
+            return out, meter.per_task(before, meter.sample(), tasks)
 
         kinds = {"noop": lambda: noop.apply_async((None,)),
                  "noop_payload": lambda: noop.apply_async((payloads.sample(),), serializer="msgpack",
@@ -302,9 +303,8 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
         for k in cfg.publishers:
             row: dict[str, Any] = {"publishers": k}
             for kind, publish in kinds.items():
-                before = meter.sample()
-                row[f"{kind}_per_s"], row[f"{kind}_errors"] = _burst(publish, cfg.burst, k)
-                row[f"{kind}_cpu"] = meter.per_task(before, meter.sample(), cfg.burst)
+                (row[f"{kind}_per_s"], row[f"{kind}_errors"]), row[f"{kind}_cpu"] = metered(
+                    lambda: _burst(publish, cfg.burst, k), cfg.burst)
             report["bursts"].append(row)
         for kind in kinds:  # each at the publisher count that suits it best
             best = max(report["bursts"], key=lambda r: r[f"{kind}_per_s"])
@@ -336,8 +336,8 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
         t0 = time.perf_counter()
         from .client import predict_batch as client_batch
 
-        summary = metered("batch", lambda: client_batch(docs, chunk_size=cfg.chunk_size, timeout_s=600),
-                          cfg.batch_payloads)
+        summary, cpu["batch"] = metered(lambda: client_batch(docs, chunk_size=cfg.chunk_size, timeout_s=600),
+                                        cfg.batch_payloads)
         batch_s = time.perf_counter() - t0
         report["batch"] = {"payloads": cfg.batch_payloads, "chunk_size": cfg.chunk_size, "seconds": batch_s,
                            "fixes": summary["fixes"], "errors": summary["errors"],
@@ -346,7 +346,7 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
                            "child_ms_per_chunk": {k: v / max(1, summary["chunks"])
                                                   for k, v in summary.get("timings_ms", {}).items()}}
         report["split_ms"] = {k: float(np.mean([t.get(k, 0.0) for t in timings]))
-                              for k in ("queue", "decode", "features", "inference", "store")} if timings else {}
+                              for k in STAGES} if timings else {}
         report["message_bytes"] = _message_bytes(payloads)
         report["ratios"] = {
             "single_over_noop": report["predict_per_s"] / report["noop_per_s"],

@@ -16,7 +16,8 @@ from typing import Any
 
 from celery.result import AsyncResult
 
-from .tasks import SENT_AT_HEADER, batch_signature
+from .pool_batching import SENT_AT_HEADER
+from .tasks import batch_signature
 from .tasks import predict as predict_task
 
 __all__ = ["submit", "predict", "predict_batch", "serializer_for", "payload_repr"]

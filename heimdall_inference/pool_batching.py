@@ -32,7 +32,7 @@ from typing import Any
 
 from celery.worker.strategy import default as default_strategy
 
-__all__ = ["PoolBatcher", "strategy", "run_batch", "take_precomputed", "MISSING", "SENT_AT_HEADER"]
+__all__ = ["PoolBatcher", "strategy", "run_batch", "take_precomputed", "sent_at_s", "MISSING", "SENT_AT_HEADER"]
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ def take_precomputed(task_id: str | None) -> Any:
     return _precomputed.pop(task_id, MISSING)
 
 
-def _sent_at(request_dict: dict[str, Any]) -> float | None:
-    v = request_dict.get(SENT_AT_HEADER) or (request_dict.get("headers") or {}).get(SENT_AT_HEADER)
+def sent_at_s(request: dict[str, Any]) -> float | None:
+    """When the producer sent the task (its ``heimdall_sent_at`` header), from a request dict."""
+    v = request.get(SENT_AT_HEADER) or (request.get("headers") or {}).get(SENT_AT_HEADER)
     try:
         return float(v) if v is not None else None
     except (TypeError, ValueError):
@@ -75,18 +76,23 @@ def run_batch(items: list[tuple]) -> list[Any]:
     accept = prepare_accept_content(app.conf.accept_content)
     requests: list[Request] = []
     batched: list[str] = []
-    for _name, task_id, request_dict, body, ctype, cenc in items:
+    traced: list[tuple] = []  #: the tracer's arguments, with the bodies decoded here (not twice)
+    for item in items:
+        name, task_id, request_dict, body, ctype, cenc = item
+        traced.append(item)
         try:
-            args, kwargs, _ = loads(body, ctype, cenc, accept=accept) if ctype else body
+            decoded = loads(body, ctype, cenc, accept=accept) if ctype else body
+            args, kwargs, _ = decoded
         except Exception:  # the tracer reports it for this request alone
             continue
+        traced[-1] = (name, task_id, request_dict, decoded, None, None)
         if len(args) == 1 and not kwargs:
             payload = args[0]
         elif not args and set(kwargs) == {"payload"}:
             payload = kwargs["payload"]
         else:
             continue  # a wrong signature: the tracer reports it
-        requests.append(Request(payload, task_id, _sent_at(request_dict)))
+        requests.append(Request(payload, task_id, sent_at_s(request_dict)))
         batched.append(task_id)
     if requests:
         try:
@@ -97,7 +103,7 @@ def run_batch(items: list[tuple]) -> list[Any]:
     trace = fast_trace_task if app.use_fast_trace_task else trace_task_ret
     try:
         with deferred_writes(app.backend):  # the batch's results in one Redis round trip, before any ack
-            return [trace(*item) for item in items]
+            return [trace(*item) for item in traced]
     finally:
         for task_id in batched:
             _precomputed.pop(task_id, None)

@@ -150,14 +150,14 @@ class Service:
         if self.cache is None or not asks:
             return out
         hits = self.cache.get_many(self.model_version, [decoded[k].digest for k in asks])
+        found = sum(h is not None for h in hits)
+        self.counters.cache_hits += found
+        self.counters.cache_misses += len(hits) - found
         if self.metrics is not None:
-            found = sum(h is not None for h in hits)
             self.metrics.cache_lookups(found, len(hits) - found)
         for k, hit in zip(asks, hits):
             if hit is None:
-                self.counters.cache_misses += 1
                 continue
-            self.counters.cache_hits += 1
             d = decoded[k]
             hit.update(task_id=task_ids[k], request_id=d.request_id, captured_at=d.captured_at, cached=True,
                        timings_ms={"features": 0.0, "inference": 0.0})

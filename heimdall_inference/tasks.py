@@ -18,7 +18,7 @@ from celery import chord, group
 
 from .celery import app
 from .errors import PayloadCode, PayloadError, TransientError
-from .pool_batching import MISSING, SENT_AT_HEADER, take_precomputed
+from .pool_batching import MISSING, sent_at_s, take_precomputed
 from .service import summarize
 from .worker import get_service
 
@@ -37,12 +37,7 @@ def predict(self, payload: Any) -> dict[str, Any]:
         if isinstance(done, BaseException):
             raise done
         return done
-    sent = getattr(self.request, SENT_AT_HEADER, None) or (self.request.headers or {}).get(SENT_AT_HEADER)
-    try:
-        sent_at_s = float(sent) if sent is not None else None
-    except (TypeError, ValueError):
-        sent_at_s = None
-    return get_service().predict(payload, task_id=self.request.id, sent_at_s=sent_at_s)
+    return get_service().predict(payload, task_id=self.request.id, sent_at_s=sent_at_s(vars(self.request)))
 
 
 @app.task(name="heimdall.predict_chunk", bind=True, **_retry)

@@ -25,4 +25,4 @@ HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9808/healthz', timeout=5)"]
 # SIGTERM = warm shutdown: running tasks finish, unacknowledged ones return to the queue.
 STOPSIGNAL SIGTERM
-CMD ["celery", "-A", "heimdall_inference", "worker", "--loglevel", "INFO", "--concurrency", "2"]
+CMD ["celery", "-A", "heimdall_inference.worker", "worker", "--loglevel", "INFO", "--concurrency", "2"]

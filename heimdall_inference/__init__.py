@@ -2,12 +2,28 @@
 
 The plain library (no Celery needed): :class:`Localizer` decodes ``heimdall.iq/v1`` payloads,
 computes log-mel features from the model's metadata, runs the ONNX session and returns
-``heimdall.fix/v1`` documents with calibrated uncertainty ellipses.
+``heimdall.fix/v1`` documents with calibrated uncertainty ellipses. Producers use
+:mod:`heimdall_inference.client` (``submit``, ``predict``, ``predict_batch``).
+
+The package, by where its code runs (docs/architecture.md has the whole picture):
+
+* ``core/``    the localization library (worker children, the CLI, the lab);
+* ``worker/``  everything that knows Celery: the app, tasks, micro-batching, the process context;
+* ``store/``   the database, the prediction cache, S3 claim checks (worker children);
+* ``ops/``     metrics and health (worker main process and children);
+* ``client``   the producer API; ``settings`` and ``errors`` are shared by all;
+* ``lab/``, ``bench/``, ``cli/``  tooling: simulator, training, evaluation, benchmarks, commands.
 """
 
 from __future__ import annotations
 
+from .core.localizer import Localizer
+from .core.network import Network, Receiver, reference_network
+from .core.payload import DecodedPayload, Limits, PayloadDecoder
+from .core.session import ModelSession, SessionOptions, default_model_path
+from .core.spec import ModelSpec
 from .errors import (
+    ConfigError,
     HeimdallError,
     InferenceError,
     ModelError,
@@ -17,11 +33,6 @@ from .errors import (
     StorageError,
     TransientError,
 )
-from .network import Network, Receiver, reference_network
-from .payload import DecodedPayload, Limits, PayloadDecoder
-from .pipeline import Localizer
-from .session import ModelSession, SessionOptions, default_model_path
-from .spec import ModelSpec
 
 __version__ = "0.1.0"
 
@@ -49,5 +60,6 @@ __all__ = [
     "InferenceError",
     "StorageError",
     "TransientError",
+    "ConfigError",
     "__version__",
 ]

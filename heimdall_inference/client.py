@@ -16,9 +16,9 @@ from typing import Any
 
 from celery.result import AsyncResult
 
-from .pool_batching import SENT_AT_HEADER
-from .tasks import batch_signature
-from .tasks import predict as predict_task
+from .worker.batching import SENT_AT_HEADER
+from .worker.tasks import batch_signature
+from .worker.tasks import predict as predict_task
 
 __all__ = ["submit", "predict", "predict_batch", "serializer_for", "payload_repr"]
 

@@ -8,7 +8,8 @@
     │   ├── ModelLoadError      the ONNX file or its metadata cannot be used
     │   └── InferenceError      onnxruntime failed while running the session
     ├── StorageError            a store refused a write or read for good
-    └── TransientError          marker: a retry may succeed (broker, database, cache blips)
+    ├── TransientError          marker: a retry may succeed (broker, database, cache blips)
+    └── ConfigError             settings or installed versions the service cannot run with (also a ValueError)
 
 Third-party exceptions (onnxruntime, json, msgpack, binascii, ...) are translated where they are
 raised, in the module that calls the library; nothing above those modules catches a library's
@@ -27,6 +28,7 @@ __all__ = [
     "InferenceError",
     "StorageError",
     "TransientError",
+    "ConfigError",
     "PayloadCode",
 ]
 
@@ -115,3 +117,10 @@ class StorageError(HeimdallError):
 
 class TransientError(HeimdallError):
     """Marker for failures a retry may cure (connection refused, timeouts)."""
+
+
+class ConfigError(HeimdallError, ValueError):
+    """Settings (``HEIMDALL_*``) or installed library versions the service cannot run with.
+
+    Raised at start-up with one line naming each offending variable, never later in a task.
+    """

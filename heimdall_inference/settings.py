@@ -1,67 +1,103 @@
-"""One settings object, read from the environment once at start-up (worker, CLI) and passed down.
+"""One settings object, typed and range-checked, read from the environment once per process.
 
-Every field has a named default and its unit in its name. Production defaults follow the compose
-service names (``rabbitmq``, ``redis``, ``db``, ``minio``, ``mlflow``); credentials come from the
-environment, never the code (the defaults carry the images' stock development credentials only).
+``Settings(...)`` is explicit: it holds the defaults and what it is given, never the environment.
+:meth:`Settings.from_env` is the one place that reads ``HEIMDALL_*`` variables (through
+pydantic-settings' ``EnvSettingsSource``) and checks every value, so a bad variable stops a worker at
+start with one clear line (:class:`~heimdall_inference.errors.ConfigError`) instead of misbehaving
+later; ``HEIMDALL_PREFETCH_MULTIPLIER=0``, for instance, would otherwise mean "unlimited" to Celery.
+
+:func:`process_settings` is this process' copy: the worker's main process reads it when Celery loads
+``celeryconfig`` and its forked children inherit that object; a CLI command reads it once. Production
+defaults follow the compose service names (``rabbitmq``, ``redis``, ``db``, ``minio``, ``mlflow``);
+credentials come from the environment.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, fields, replace
+import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["Settings", "ENV_PREFIX"]
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+
+__all__ = ["Settings", "ENV_PREFIX", "process_settings", "set_process_settings"]
 
 ENV_PREFIX = "HEIMDALL_"
+_RABBITMQ_CONSUMER_TIMEOUT_S = 30 * 60  #: RabbitMQ's default consumer_timeout: a task must end well before it
 
 
-@dataclass(frozen=True, kw_only=True)
-class Settings:
+class Settings(BaseSettings):
     """Service settings; ``Settings.from_env()`` reads ``HEIMDALL_<FIELD>`` for every field."""
 
-    broker_url: str = "amqp://guest:guest@rabbitmq:5672//"  #: RabbitMQ (publisher confirms on)
-    result_backend: str = "redis://redis:6379/0"  #: where task results live (expiring)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid", validate_default=True)
+
+    broker_url: str = Field("amqp://guest:guest@rabbitmq:5672//", min_length=1)  #: RabbitMQ (publisher confirms on)
+    result_backend: str = Field("redis://redis:6379/0", min_length=1)  #: where task results live (expiring)
     cache_url: str = "redis://redis:6379/1"  #: prediction cache; "" disables it
-    database_url: str = "postgresql://heimdall:heimdall@db:5432/heimdall"  #: predictions table
+    database_url: str = Field("postgresql://heimdall:heimdall@db:5432/heimdall", min_length=1)  #: predictions table
     model_path: str = ""  #: ONNX file; "" = the model shipped in the package
-    onnx_threads: int = 1  #: intra-op threads per worker child (children x threads <= cores)
-    onnx_providers: str = "CPUExecutionProvider"  #: comma-separated execution providers, in order
-    max_payload_bytes: int = 8 * 1024 * 1024  #: cap on one serialized payload
-    result_expires_s: int = 3600  #: task results expire from the backend after this long
-    cache_ttl_s: int = 86_400  #: a cached fix lives this long
-    task_soft_time_limit_s: float = 20.0  #: SoftTimeLimitExceeded after this long
-    task_time_limit_s: float = 30.0  #: the child is killed after this long (well below consumer_timeout)
-    delivery_limit: int = 5  #: quorum queue redeliveries before a message is dead-lettered
-    prefetch_multiplier: int = 32  #: messages reserved per child: micro-batches are drawn from them
-    db_pool_max: int = 4  #: PostgreSQL connections per worker child
-    db_schema: str = "public"  #: PostgreSQL schema of the predictions and rejections tables
-    db_retry_max: int = 40  #: task retries (backoff 1 s doubling, capped at 60 s) while the database is unreachable
-    redis_key_prefix: str = "heimdall:"  #: prefix of every Redis key (prediction cache and task results)
-    batch_max: int = 32  #: prefork: up to this many waiting heimdall.predict tasks per child pass (1 = off)
-    queue: str = "heimdall.predict"  #: the work queue
+    onnx_threads: int = Field(1, ge=1, le=64)  #: intra-op threads per worker child (children x threads <= cores)
+    onnx_providers: str = Field("CPUExecutionProvider", min_length=1)  #: comma-separated execution providers, in order
+    max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)  #: cap on one serialized payload
+    result_expires_s: int = Field(3600, ge=1)  #: task results expire from the backend after this long
+    cache_ttl_s: int = Field(86_400, ge=1)  #: a cached fix lives this long
+    task_soft_time_limit_s: float = Field(20.0, gt=0)  #: SoftTimeLimitExceeded after this long
+    task_time_limit_s: float = Field(30.0, gt=0, lt=_RABBITMQ_CONSUMER_TIMEOUT_S)  #: the child is killed after this long
+    delivery_limit: int = Field(5, ge=1, le=1000)  #: quorum queue redeliveries before a message is dead-lettered
+    prefetch_multiplier: int = Field(32, ge=1, le=4096)  #: messages reserved per child (0 would mean unlimited)
+    db_pool_max: int = Field(4, ge=1, le=100)  #: PostgreSQL connections per worker child
+    db_schema: str = Field("public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")  #: schema of predictions and rejections
+    db_retry_max: int = Field(40, ge=0, le=1000)  #: task retries (backoff 1 s doubling, capped at 60 s) while the database is unreachable
+    #: prefix of every Redis key (cache and task results); "" or ending in ":", "_", "-" or "." (Celery would
+    #: otherwise add "_" to the results' keys and they would not be where the documentation says)
+    redis_key_prefix: str = Field("heimdall:", max_length=128, pattern=r"^(|.*[:_.-])$")
+    batch_max: int = Field(32, ge=1, le=1024)  #: prefork: up to this many waiting heimdall.predict tasks per child pass (1 = off)
+    queue: str = Field("heimdall.predict", pattern=r"^[A-Za-z0-9_.:-]{1,200}$")  #: the work queue
     s3_endpoint_url: str = ""  #: MinIO/S3 endpoint for iq_ref claim checks ("" = iq_ref not served)
-    metrics_port: int = 0  #: Prometheus /metrics and /healthz port per worker (0 = off)
+    metrics_port: int = Field(0, ge=0, le=65535)  #: Prometheus /metrics and /healthz port per worker (0 = off)
     data_dir: str = ""  #: embedded mode: where the filesystem broker, results and SQLite live
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
-        """Read ``HEIMDALL_*`` variables (typed by the field's default), then apply ``overrides``."""
-        env = os.environ if env is None else env
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            key = ENV_PREFIX + f.name.upper()
-            if key in env:
-                values[f.name] = type(f.default)(env[key])
-        return replace(cls(**values), **overrides)
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   **_: PydanticBaseSettingsSource) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Constructing Settings never reads the environment: only :meth:`from_env` does."""
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _limits_in_order(self) -> "Settings":
+        if self.task_soft_time_limit_s >= self.task_time_limit_s:
+            raise ValueError(f"task_soft_time_limit_s ({self.task_soft_time_limit_s}) must be below "
+                             f"task_time_limit_s ({self.task_time_limit_s})")
+        return self
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "Settings":
+        """Read ``HEIMDALL_*`` from the environment, apply ``overrides``, check every value.
+
+        Raises :class:`ConfigError` naming each offending variable.
+        """
+        values = EnvSettingsSource(cls)()
+        try:
+            return cls(**{**values, **overrides})
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, from_env=set(values) - set(overrides))) from None
 
     @classmethod
     def embedded(cls, data_dir: str | Path, **overrides: Any) -> "Settings":
         """No servers: a filesystem broker (kombu's, with atomic publishes), file results, SQLite predictions."""
         d = Path(data_dir).resolve()
-        return cls(broker_url="heimdallfs://", result_backend=f"file://{d / 'results'}", cache_url="",
-                   database_url=f"sqlite:///{d / 'heimdall.sqlite3'}", data_dir=str(d), **overrides)
+        return cls(**{"broker_url": "heimdallfs://", "result_backend": f"file://{d / 'results'}", "cache_url": "",
+                      "database_url": f"sqlite:///{d / 'heimdall.sqlite3'}", "data_dir": str(d), **overrides})
+
+    def replace(self, **changes: Any) -> "Settings":
+        """A copy with ``changes`` applied and checked (``model_copy`` would not check them)."""
+        try:
+            return type(self)(**{**self.model_dump(), **changes})
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc, from_env=set())) from None
 
     @property
     def providers(self) -> tuple[str, ...]:
@@ -69,4 +105,49 @@ class Settings:
 
     def to_env(self) -> dict[str, str]:
         """The environment that reproduces these settings in another process."""
-        return {ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+        return {ENV_PREFIX + name.upper(): str(value) for name, value in self.model_dump().items()}
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings with the passwords in URLs replaced by ``***`` (for logs and reports)."""
+        return {k: _redact(v) if isinstance(v, str) else v for k, v in self.model_dump().items()}
+
+
+def _redact(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host``."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
+
+
+def _describe(exc: ValidationError, *, from_env: set[str]) -> str:
+    lines = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if not name:  # a rule across settings
+            lines.append(msg)
+            continue
+        where = f"{ENV_PREFIX}{name.upper()}" if name in from_env else name
+        value = err.get("input")
+        got = f"={_redact(str(value))!r}" if not isinstance(value, dict) else ""
+        lines.append(f"{where}{got}: {msg}")
+    return "invalid settings: " + "; ".join(lines)
+
+
+_process: Settings | None = None
+
+
+def process_settings() -> Settings:
+    """This process' settings: read from the environment on first use, then the same object.
+
+    The worker's main process reads them when Celery loads ``celeryconfig``; forked pool children
+    inherit that object, so a worker reads its environment once.
+    """
+    global _process
+    if _process is None:
+        _process = Settings.from_env()
+    return _process
+
+
+def set_process_settings(settings: Settings | None) -> None:
+    """Replace this process' settings (a producer re-pointed by ``configure_app``; None: read again)."""
+    global _process
+    _process = settings

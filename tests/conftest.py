@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from heimdall_inference.codec import dumps
-from heimdall_inference.pipeline import Localizer
-from heimdall_inference.simulator import Scenes, SignalConfig, scene_payloads, simulate
+from heimdall_inference.core.codec import dumps
+from heimdall_inference.core.localizer import Localizer
+from heimdall_inference.lab.simulator import Scenes, SignalConfig, scene_payloads, simulate
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ def error_km(fix: dict, truth_east_m: float, truth_north_m: float) -> float:
 @pytest.fixture()
 def live(live_session):
     """The live servers, with this process' Celery app (the producer) pointed at them for the test."""
-    from heimdall_inference.embedded import configure_app
+    from heimdall_inference.worker.celery_app import configure_app
 
     configure_app(live_session[0].settings)
     return live_session
@@ -63,7 +63,7 @@ def live(live_session):
 @pytest.fixture(scope="session")
 def live_session(tmp_path_factory):
     """Own vhost, Redis prefix and schema on the real servers, for the whole run."""
-    from heimdall_inference.embedded import configure_app
+    from heimdall_inference.worker.celery_app import configure_app
     from heimdall_inference.settings import Settings
     from heimdall_inference.store import open_store
 
@@ -84,7 +84,7 @@ def live_session(tmp_path_factory):
 @pytest.fixture(scope="session")
 def live_worker(live_session, tmp_path_factory):
     """A real prefork worker (2 children) on the live servers."""
-    from heimdall_inference.embedded import WorkerProcess
+    from heimdall_inference.worker.process import WorkerProcess
 
     servers, _ = live_session
     worker = WorkerProcess(servers.settings, tmp_path_factory.mktemp("worker") / "worker.log")

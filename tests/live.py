@@ -91,13 +91,14 @@ def isolated_worker(tag: str, log_path, *, stop_timeout_s: float = 30.0, pool: s
                     concurrency: int = 1, extra_env: dict | None = None, **overrides):
     """Own vhost/prefix/schema, a worker with ``overrides`` applied to its settings, the producer
     pointed at it; yields (settings, store of the real schema, worker) and removes everything after."""
-    from heimdall_inference.embedded import WorkerProcess, configure_app
+    from heimdall_inference.worker.celery_app import configure_app
+    from heimdall_inference.worker.process import WorkerProcess
     from heimdall_inference.store import open_store
 
     servers = make_live(tag)
     store = open_store(PG_URL, schema=servers.schema)
     store.init_schema()
-    settings = Settings(**{**servers.settings.__dict__, **overrides})
+    settings = servers.settings.replace(**overrides)
     worker = WorkerProcess(settings, log_path, pool=pool, concurrency=concurrency, extra_env=extra_env)
     try:
         worker.wait_ready()

@@ -1,6 +1,11 @@
-"""Where fixes and rejections are stored: PostgreSQL/TimescaleDB, SQLite (embedded), memory (tests).
+"""Storage adapters: where fixes and rejections are kept, the prediction cache, the IQ claim checks.
 
-:func:`open_store` picks the backend from the database URL's scheme.
+* ``predictions`` and ``rejections``: PostgreSQL/TimescaleDB (:mod:`.postgres`), SQLite for the
+  embedded default (:mod:`.sqlite`), memory for unit tests (:class:`MemoryStore`);
+  :func:`open_store` picks the backend from the database URL's scheme.
+* the Redis prediction cache (:mod:`.cache`) and the S3 ``iq_ref`` fetcher (:mod:`.objectstore`).
+
+Each module translates its library's exceptions (psycopg, sqlite3, redis, botocore) at the boundary.
 """
 
 from __future__ import annotations

@@ -1,0 +1,237 @@
+"""The ``heimdall-inference`` command line: every sub-command, parsed and dispatched.
+
+    heimdall-inference simulate --count 20 --out scenes/          # heimdall.iq/v1 payloads + truth
+    heimdall-inference predict scenes/scene-0000.json --plot map.png
+    heimdall-inference evaluate --scenes 1000                      # model vs grid posterior vs CRB
+    heimdall-inference bench --in-process                          # the pipeline's own limit
+    heimdall-inference bench --quick --plot bench.png              # the service over HEIMDALL_* servers
+    heimdall-inference model info
+    heimdall-inference demo                                        # the service, embedded: tasks + chord
+    heimdall-inference db init                                     # predictions + rejections tables
+    heimdall-inference submit scenes/scene-0000.json               # through the broker (HEIMDALL_* env)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=None, help="ONNX model file (default: the shipped reference model)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="heimdall-inference", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="write simulated heimdall.iq/v1 payloads and their truth")
+    p.add_argument("--count", type=int, default=10)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", type=Path, required=True, help="directory for scene-NNNN.{json,msgpack} and the truth beside each (scene-NNNN.truth, JSON)")
+    p.add_argument("--format", choices=("json", "msgpack"), default="json")
+    p.add_argument("--dtype", choices=("mixed", "ci16", "complex64"), default="mixed")
+    p.add_argument("--receivers", type=int, default=None, help="receivers online per scene (default: 3-7 at random)")
+    p.add_argument("--sample-rate-hz", type=float, default=12_000.0)
+
+    p = sub.add_parser("predict", help="locate payload files in-process and print the fixes as JSON")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--plot", type=Path, default=None, help="write a map picture (PNG)")
+    _add_model(p)
+
+    p = sub.add_parser("evaluate", help="held-out scenes: model vs grid posterior vs Cramér-Rao bound")
+    p.add_argument("--scenes", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=2026)
+    p.add_argument("--grid-step-m", type=float, default=2000.0)
+    p.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
+    _add_model(p)
+
+    p = sub.add_parser("bench", help="benchmarks: the service over the configured broker, or --in-process")
+    p.add_argument("--in-process", action="store_true",
+                   help="only the in-process pipeline on one core (the service's limit)")
+    p.add_argument("--batch-sizes", default="1,8,32,128", help="--in-process batch sizes")
+    p.add_argument("--seconds", type=float, default=2.0, help="--in-process seconds per batch size")
+    p.add_argument("--quick", action="store_true", help="service bench in under two minutes")
+    p.add_argument("--tiny", action="store_true", help="service bench in seconds (accounting checks)")
+    p.add_argument("--embedded", action="store_true", help="service bench on the embedded transport (no servers)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="worker children")
+    p.add_argument("--no-start-worker", action="store_true", help="use workers that are already running")
+    p.add_argument("--batch-max", type=int, default=32,
+                   help="HEIMDALL_BATCH_MAX of the started worker: micro-batches of single tasks (1 = off)")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None, help="latency vs load, throughput vs concurrency (PNG)")
+    _add_model(p)
+
+    p = sub.add_parser("submit", help="publish payload files as heimdall.predict tasks and print the fixes")
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--timeout-s", type=float, default=30.0)
+
+    p = sub.add_parser("db", help="database schema")
+    p.add_argument("action", choices=("init",))
+
+    p = sub.add_parser("model", help="model information")
+    p.add_argument("action", choices=("info",))
+    _add_model(p)
+
+    p = sub.add_parser("demo", help="the service on this machine alone: a real worker on an embedded broker, "
+                                    "simulated transmissions as tasks and a batch chord, a table and a map")
+    p.add_argument("--count", type=int, default=8, help="single heimdall.predict tasks")
+    p.add_argument("--batch", type=int, default=64, help="payloads in the batch chord")
+    p.add_argument("--data-dir", type=Path, default=None, help="broker/results/SQLite folder (default: a temp dir)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--plot", type=Path, default=Path("heimdall-demo.png"))
+    _add_model(p)
+    return ap
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from ..core.codec import dumps
+    from ..core.network import reference_network
+    from ..lab.simulator import SignalConfig, scene_payloads, simulate
+
+    net = reference_network()
+    signal = SignalConfig(sample_rate_hz=args.sample_rate_hz)
+    scenes, iq = simulate(net, args.count, args.seed, signal=signal, n_online=args.receivers)
+    docs = scene_payloads(scenes, iq, net, signal, seed=args.seed, dtype=args.dtype, binary=args.format == "msgpack")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(docs):
+        (args.out / f"scene-{i:04d}.{args.format}").write_bytes(dumps(doc, args.format))
+        (args.out / f"scene-{i:04d}.truth").write_text(json.dumps(scenes.truth(i, net), indent=1))
+    print(f"wrote {len(docs)} {args.format} payloads and their truth to {args.out}")
+    return 0
+
+
+def _truth_for(path: Path) -> dict[str, Any] | None:
+    t = path.with_name(path.name.rsplit(".", 1)[0] + ".truth")
+    return json.loads(t.read_text()) if t.exists() else None
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from ..errors import PayloadError
+    from ..core.localizer import Localizer
+
+    loc = Localizer(args.model)
+    results = loc.predict_many([f.read_bytes() for f in args.files])
+    fixes, truths, status = [], [], 0
+    for f, r in zip(args.files, results):
+        if isinstance(r, PayloadError):
+            print(json.dumps({"file": str(f), "error": r.to_dict()}))
+            status = 2
+        else:
+            print(json.dumps(r) if len(args.files) > 1 else json.dumps(r, indent=2))
+            fixes.append(r)
+            truths.append(_truth_for(f))
+    if args.plot and fixes:
+        from .plot import plot_fixes
+
+        plot_fixes(loc.spec.network, fixes, args.plot, truths=truths)
+        print(f"map written to {args.plot}", file=sys.stderr)
+    return status
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from ..lab.evaluation import evaluate
+
+    report = evaluate(args.model, scenes=args.scenes, seed=args.seed, grid_step_m=args.grid_step_m,
+                      progress=lambda m: print(m, file=sys.stderr))
+    print(report.table())
+    if args.json:
+        args.json.write_text(json.dumps(report.figures(), indent=2))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    if args.in_process:
+        from ..bench.inprocess import bench_in_process, format_in_process
+
+        sizes = tuple(int(x) for x in args.batch_sizes.split(","))
+        report = bench_in_process(args.model, batch_sizes=sizes, seconds_per_size=args.seconds)
+        print(format_in_process(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
+    import tempfile
+
+    from ..bench.service import BenchConfig, format_report, plot_report, save_report, run_service_bench
+    from ..settings import Settings, process_settings
+
+    cfg = (BenchConfig.tiny if args.tiny else BenchConfig.quick if args.quick else BenchConfig)(
+        workers=args.workers, batch_max=args.batch_max)
+    tmp = Path(tempfile.mkdtemp(prefix="heimdall-bench-"))
+    settings = Settings.embedded(tmp) if args.embedded else process_settings()
+    report = run_service_bench(settings, cfg, start_worker=not args.no_start_worker, log_dir=tmp,
+                               model=str(args.model or ""), progress=lambda m: print(m, file=sys.stderr))
+    print(format_report(report))
+    if args.json:
+        save_report(report, args.json)
+    if args.plot:
+        plot_report(report, args.plot)
+    return 0 if report["accounting"]["lost"] == 0 else 3
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from ..client import submit
+    from ..core.codec import loads_raw
+    from ..errors import PayloadError
+
+    status = 0
+    pending = [(f, submit(loads_raw(f.read_bytes(), 64 * 1024 * 1024))) for f in args.files]
+    for f, res in pending:
+        try:
+            print(json.dumps(res.get(timeout=args.timeout_s)))
+        except PayloadError as exc:
+            print(json.dumps({"file": str(f), "task_id": res.id, "error": exc.to_dict()}))
+            status = 2
+    return status
+
+
+def _db(args: argparse.Namespace) -> int:
+    from ..settings import process_settings
+    from ..store import open_store
+
+    s = process_settings()
+    store = open_store(s.database_url, schema=s.db_schema)
+    try:
+        print(json.dumps(store.init_schema()))
+    finally:
+        store.close()
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    from ..core.session import ModelSession
+
+    print(json.dumps(ModelSession(args.model).info(), indent=2))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(count=args.count, batch=args.batch, seed=args.seed, plot=args.plot, model=args.model,
+             data_dir=args.data_dir)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from ..errors import ConfigError
+
+    args = _parser().parse_args(argv)
+    handler = {"simulate": _simulate, "predict": _predict, "evaluate": _evaluate, "bench": _bench,
+               "model": _model, "demo": _demo, "submit": _submit, "db": _db}[args.command]
+    try:
+        return handler(args)
+    except ConfigError as exc:  # a bad HEIMDALL_* variable: one line, not a traceback
+        print(f"heimdall-inference: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

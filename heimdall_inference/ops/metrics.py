@@ -1,0 +1,79 @@
+"""What a worker child records for Prometheus: fixes, rejections, cache lookups, stage times, batches.
+
+With ``HEIMDALL_METRICS_PORT`` set, the worker's main process (``worker_init``) points
+prometheus-client's multiprocess mode at a fresh folder (:func:`prepare_multiprocess_dir`) before
+the pool forks; children record through :class:`ServiceMetrics` (built after fork, like the ONNX
+session) and :class:`~heimdall_inference.ops.exporter.MetricsExporter` serves every child's values.
+The cache hit rate is a PromQL ratio of two counters, e.g.
+``sum(rate(heimdall_cache_requests_total{result="hit"}[5m])) / sum(rate(heimdall_cache_requests_total[5m]))``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ServiceMetrics", "prepare_multiprocess_dir", "STAGES"]
+
+STAGES = ("queue", "decode", "features", "inference", "store")
+_CACHED_STAGES = ("queue", "decode", "store")
+_STAGE_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def prepare_multiprocess_dir() -> Path:
+    """The multiprocess folder: ``PROMETHEUS_MULTIPROC_DIR`` if set (emptied), else a new one.
+
+    Must run before prometheus_client is first imported in this process (it picks its value class
+    at import time), and before the pool forks (children inherit the variable)."""
+    configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if configured:
+        d = Path(configured)
+        if d.exists():
+            for f in d.glob("*.db"):  # stale values of a previous run would be summed in
+                f.unlink()
+        d.mkdir(parents=True, exist_ok=True)
+    else:
+        d = Path(tempfile.mkdtemp(prefix="heimdall-metrics-"))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(d)
+    return d
+
+
+class ServiceMetrics:
+    """What a worker child records: fixes, rejections, cache lookups, stage times, batch sizes.
+
+    ``registry=None`` registers nowhere: in multiprocess mode the values go to this process' files,
+    which the exporter reads, so a replaced process context can make a new set without a clash.
+    Pass a ``CollectorRegistry`` to read the values in-process (tests).
+    """
+
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import Counter, Histogram
+
+        reg = registry
+        self.fixes = Counter("heimdall_fixes", "Fixes returned, by origin", ["cached"], registry=reg)
+        self.rejections = Counter("heimdall_rejections", "Payloads rejected, by error code", ["code"], registry=reg)
+        self.cache = Counter("heimdall_cache_requests", "Prediction cache lookups", ["result"], registry=reg)
+        self.store_errors = Counter("heimdall_store_errors", "Database writes that failed (retried)", registry=reg)
+        self.stage = Histogram("heimdall_stage_seconds", "Time per fix in each stage", ["stage"],
+                               buckets=_STAGE_BUCKETS_S, registry=reg)
+        self.batch = Histogram("heimdall_batch_size", "heimdall.predict requests handled in one pass",
+                               buckets=_BATCH_BUCKETS, registry=reg)
+
+    def fixes_done(self, fixes: Iterable[dict[str, Any]]) -> None:
+        for f in fixes:
+            cached = bool(f.get("cached"))
+            self.fixes.labels(cached="true" if cached else "false").inc()
+            t = f.get("timings_ms") or {}
+            for stage in (_CACHED_STAGES if cached else STAGES):  # a cache hit ran no features or model
+                if stage in t:
+                    self.stage.labels(stage=stage).observe(float(t[stage]) / 1e3)
+
+    def cache_lookups(self, hits: int, misses: int) -> None:
+        if hits:
+            self.cache.labels(result="hit").inc(hits)
+        if misses:
+            self.cache.labels(result="miss").inc(misses)

@@ -1,0 +1,196 @@
+"""Micro-batching of single ``heimdall.predict`` tasks across the prefork pool.
+
+A fix costs well under a millisecond when computed with others (one feature pass, one ONNX run,
+one database transaction) and about twice that alone. Celery hands a prefork child one message at a
+time, so batching has to happen before the pool: ``heimdall.predict``'s execution strategy is
+Celery's default one (same received/ETA/expiry/revoke/rate-limit handling, same Request objects),
+except that a request ready to run goes to a :class:`PoolBatcher` in the worker's main process
+instead of straight to the pool.
+
+The batcher is greedy and adds no latency: while a child is free it sends whatever is waiting at
+once (a lone request runs alone); while every child is busy, requests gather, and the next child
+to finish takes up to ``batch_max`` of them. Batch size therefore follows the load.
+
+In the child, :func:`run_batch` computes the whole batch through
+:meth:`Service.predict_requests`, then runs each request through Celery's own tracer, whose task
+body only hands over the precomputed outcome. Results, typed failures, autoretry on an unreachable
+database, signals and logs are therefore exactly those of a single task, and the main process acks
+or rejects each message with Celery's own Request callbacks (``task_acks_late``: a message is
+acknowledged after its row is committed).
+
+A batch that fails as a whole (its child was killed, or hit the hard time limit) is not failed as
+a whole: each of its requests is run again alone, so that a poison message meets the single-task
+treatment (redelivery, then ``heimdall.dead``) and its neighbours are unaffected. Messages with
+an ETA (retries) and other pools keep Celery's default path.
+
+What this needs from Celery's internals (the strategy, the tracer, a request's raw arguments, the
+pool's callbacks) comes from :mod:`.celery_internals`, behind its version check.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Any
+
+from . import celery_internals as internals
+
+__all__ = ["PoolBatcher", "strategy", "run_batch", "take_precomputed", "sent_at_s", "MISSING", "SENT_AT_HEADER"]
+
+log = logging.getLogger(__name__)
+
+SENT_AT_HEADER = "heimdall_sent_at"
+MISSING = object()
+_precomputed: dict[str, Any] = {}  #: in a child, during one batch: task id -> fix or exception, for the tracer's task body
+
+
+def take_precomputed(task_id: str | None) -> Any:
+    """The outcome :func:`run_batch` computed for this task (fix or exception), or MISSING."""
+    if task_id is None:
+        return MISSING
+    return _precomputed.pop(task_id, MISSING)
+
+
+def sent_at_s(request: dict[str, Any]) -> float | None:
+    """When the producer sent the task (its ``heimdall_sent_at`` header), from a request dict."""
+    v = request.get(SENT_AT_HEADER) or (request.get("headers") or {}).get(SENT_AT_HEADER)
+    try:
+        return float(v) if v is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def run_batch(items: list[tuple]) -> list[Any]:
+    """In a pool child: compute a batch of predict requests, then trace each one like Celery would.
+
+    ``items`` are the arguments Celery gives its tracer for one request (task name, id, request
+    dict, body, content type and encoding). Returns the tracer's ``(failed, retval, runtime)`` for
+    each, which the main process hands to that request's ``on_success``.
+    """
+    from kombu.serialization import loads, prepare_accept_content
+
+    from .celery_app import app
+    from .context import current_service
+    from .result_backend import deferred_writes
+    from .service import Request
+
+    accept = prepare_accept_content(app.conf.accept_content)
+    requests: list[Request] = []
+    batched: list[str] = []
+    traced: list[tuple] = []  #: the tracer's arguments, with the bodies decoded here (not twice)
+    for item in items:
+        name, task_id, request_dict, body, ctype, cenc = item
+        traced.append(item)
+        try:
+            decoded = loads(body, ctype, cenc, accept=accept) if ctype else body
+            args, kwargs, _ = decoded
+        except Exception:  # the tracer reports it for this request alone
+            continue
+        traced[-1] = (name, task_id, request_dict, decoded, None, None)
+        if len(args) == 1 and not kwargs:
+            payload = args[0]
+        elif not args and set(kwargs) == {"payload"}:
+            payload = kwargs["payload"]
+        else:
+            continue  # a wrong signature: the tracer reports it
+        requests.append(Request(payload, task_id, sent_at_s(request_dict)))
+        batched.append(task_id)
+    if requests:
+        try:
+            outcomes: list[Any] = list(current_service().predict_requests(requests))
+        except Exception as exc:  # a store or model failure: every request gets it (TransientError retries)
+            outcomes = [exc] * len(requests)
+        _precomputed.update(zip(batched, outcomes))
+    trace = internals.tracer(app)
+    try:
+        with deferred_writes(app.backend):  # the batch's results in one Redis round trip, before any ack
+            return [trace(*item) for item in traced]
+    finally:
+        for task_id in batched:
+            _precomputed.pop(task_id, None)
+
+
+class PoolBatcher:
+    """Gathers ready requests in the worker's main process and sends them to the pool in batches."""
+
+    def __init__(self, pool: Any, batch_max: int, slots: int | None = None) -> None:
+        self.pool = pool
+        self.batch_max = max(1, int(batch_max))
+        self.slots = max(1, int(slots if slots is not None else getattr(pool, "num_processes", 1) or 1))
+        self.waiting: deque = deque()
+        self.in_flight = 0
+        self.sizes: deque[int] = deque(maxlen=1000)  #: recent batch sizes (metrics, tests)
+
+    def submit(self, req: Any) -> None:
+        """The consumer's ``on_task_request`` for predict tasks: queue, then send what can go."""
+        if req.revoked():
+            return
+        self.waiting.append(req)
+        self.pump()
+
+    def pump(self) -> None:
+        while self.waiting and self.in_flight < self.slots:
+            batch = [self.waiting.popleft() for _ in range(min(self.batch_max, len(self.waiting)))]
+            batch = [r for r in batch if not r.revoked()]
+            if batch:
+                self._send(batch)
+
+    def _send(self, batch: list[Any]) -> None:
+        self.in_flight += 1
+        self.sizes.append(len(batch))
+        hard, soft = batch[0].time_limits
+        task = batch[0].task
+
+        def accepted(pid: int, time_accepted: float) -> None:
+            for r in batch:
+                r.on_accepted(pid, time_accepted)
+
+        def soft_timed_out(timeout_s: float) -> None:
+            for r in batch:
+                r.on_timeout(True, timeout_s)
+
+        def done(results: list[Any]) -> None:
+            try:
+                for r, res in zip(batch, results):
+                    r.on_success(res)
+            finally:
+                self._finished()
+
+        def failed(exc_info: Any) -> None:
+            try:
+                if len(batch) == 1:
+                    batch[0].on_failure(exc_info)
+                else:
+                    log.warning("a batch of %d predict tasks failed as a whole (%r); running each alone",
+                                len(batch), getattr(exc_info, "exception", exc_info))
+                    for r in batch:
+                        if not r.revoked():
+                            r.execute_using_pool(self.pool)
+            finally:
+                self._finished()
+
+        try:
+            internals.apply_to_pool(self.pool, run_batch, ([internals.trace_args(r) for r in batch],),
+                                    on_accepted=accepted, on_soft_timeout=soft_timed_out, on_done=done,
+                                    on_failed=failed, soft_timeout_s=soft or task.soft_time_limit,
+                                    timeout_s=hard or task.time_limit)
+        except BaseException:
+            self._finished()
+            raise
+
+    def _finished(self) -> None:
+        self.in_flight -= 1
+        self.pump()
+
+
+def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """``heimdall.predict``'s execution strategy: Celery's default, batching on the prefork pool."""
+    from ..settings import process_settings
+
+    batch_max = process_settings().batch_max
+    if batch_max <= 1 or not internals.is_prefork_pool(consumer.pool):
+        return internals.default_strategy(task, app, consumer, **kwargs)
+    batcher = PoolBatcher(consumer.pool, batch_max)
+    consumer.heimdall_batcher = batcher  # for inspection
+    log.info("heimdall.predict: micro-batches of up to %d over %d children", batch_max, batcher.slots)
+    return internals.default_strategy(task, app, internals.ConsumerView(consumer, batcher.submit), **kwargs)

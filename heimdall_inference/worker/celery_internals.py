@@ -1,0 +1,202 @@
+"""Every use of Celery, kombu and billiard internals in heimdall-inference, behind one version check.
+
+The service needs a few things those libraries do not offer as public API:
+
+* **micro-batching** (:mod:`.batching`): Celery's default execution strategy with another
+  ``on_task_request``; a request's raw tracer arguments (``Request._type``, ``_request_dict``,
+  ``_body``, ``_content_type``, ``_content_encoding``); the tracer itself (``fast_trace_task`` /
+  ``trace_task_ret``); the prefork pool's ``apply_async`` with its accept/timeout/result callbacks;
+* **batched result writes** (:mod:`.result_backend`): ``RedisBackend._store_result`` and
+  ``Backend._get_result_meta``;
+* **atomic publishes on the filesystem transport** (:mod:`.fs_transport`): ``Channel._put``;
+* **re-pointing a producer's app** (:func:`reset_producer_state`): ``Celery._pool``,
+  ``_backend_cache``, ``_local`` and the cached ``amqp`` property.
+
+Nothing else in the package touches an underscore attribute of those libraries. Each of these was
+written against, and is tested on, the versions in :data:`TESTED_VERSIONS`; :func:`check_versions`
+raises :class:`~heimdall_inference.errors.ConfigError` for any other minor version, and
+:class:`VersionGuard` (a worker bootstep, added by :mod:`.celery_app`) runs it when a worker
+starts, so an untested Celery stops the worker with one clear line instead of misbehaving under load.
+The package pins the same minors (``setup.cfg``); move both together after running the suite.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from time import monotonic
+from typing import Any
+
+import billiard
+import celery
+import kombu
+from celery import bootsteps
+from celery.backends.redis import RedisBackend
+from kombu.transport import filesystem
+from kombu.utils.encoding import bytes_to_str, str_to_bytes
+from kombu.utils.json import dumps
+
+from ..errors import ConfigError
+
+__all__ = ["TESTED_VERSIONS", "installed_versions", "check_versions", "VersionGuard",
+           "default_strategy", "is_prefork_pool", "trace_args", "tracer", "apply_to_pool", "ConsumerView",
+           "RedisBackendWithWriteHook", "AtomicFilesystemChannel", "reset_producer_state"]
+
+TESTED_VERSIONS: Mapping[str, tuple[int, int]] = {"celery": (5, 7), "kombu": (5, 7), "billiard": (4, 3)}
+"""Library -> the (major, minor) whose internals this module was written for and tested on."""
+
+
+def installed_versions() -> dict[str, str]:
+    """The versions of celery, kombu and billiard this process imported."""
+    return {"celery": celery.__version__, "kombu": kombu.__version__, "billiard": billiard.__version__}
+
+
+def _minor(version: str) -> tuple[int, int] | None:
+    parts = version.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def check_versions(versions: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError unless every library is at the minor version in :data:`TESTED_VERSIONS`."""
+    versions = installed_versions() if versions is None else versions
+    wrong = [f"{name} {versions.get(name, 'missing')} (tested: {major}.{minor}.x)"
+             for name, (major, minor) in TESTED_VERSIONS.items() if _minor(versions.get(name, "")) != (major, minor)]
+    if wrong:
+        raise ConfigError("heimdall-inference uses internals of " + ", ".join(wrong) + "; install the tested "
+                          "versions (pip install -e .) or update heimdall_inference/worker/celery_internals.py "
+                          "and its tests for the new ones")
+
+
+class VersionGuard(bootsteps.Step):
+    """Worker bootstep: refuse to start on an untested celery/kombu/billiard minor version."""
+
+    name = "heimdall version guard"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        check_versions()
+        super().__init__(parent, **kwargs)
+
+
+# -- micro-batching (worker main process) ---------------------------------------------------------------
+
+def default_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Callable:
+    """Celery's own execution strategy (``celery.worker.strategy.default``)."""
+    from celery.worker.strategy import default
+
+    return default(task, app, consumer, **kwargs)
+
+
+def is_prefork_pool(pool: Any) -> bool:
+    """Is this the consumer's prefork pool (the only one whose children micro-batches go to)?"""
+    from celery.concurrency.prefork import TaskPool
+
+    return isinstance(pool, TaskPool)
+
+
+def trace_args(request: Any) -> tuple:
+    """What Celery hands its tracer for one request: (task name, id, request dict, body, content type,
+    content encoding), as ``Request.execute_using_pool`` does."""
+    return (request._type, request.id, request._request_dict, request._body, request._content_type,
+            request._content_encoding)
+
+
+def tracer(app: Any) -> Callable[..., Any]:
+    """The tracer ``Request.execute_using_pool`` would send to the pool for this app."""
+    from celery.app.trace import fast_trace_task, trace_task_ret
+
+    return fast_trace_task if app.use_fast_trace_task else trace_task_ret
+
+
+def apply_to_pool(pool: Any, fn: Callable[..., Any], args: tuple, *, on_accepted: Callable[[int, float], None],
+                  on_soft_timeout: Callable[[float], None], on_done: Callable[[Any], None],
+                  on_failed: Callable[[Any], None], soft_timeout_s: float | None, timeout_s: float | None) -> Any:
+    """Run ``fn(*args)`` in a pool child with the callbacks Celery's own requests get.
+
+    billiard calls the timeout callback with keywords (``soft=``, ``timeout=``); a hard limit is
+    followed by ``on_failed`` (the child is killed), so only soft limits are passed on here.
+    """
+    def timed_out(soft: bool = False, timeout: float | None = None) -> None:
+        if soft:
+            on_soft_timeout(float(timeout or 0.0))
+
+    return pool.apply_async(fn, args=args, accept_callback=on_accepted, timeout_callback=timed_out,
+                            callback=on_done, error_callback=on_failed, soft_timeout=soft_timeout_s,
+                            timeout=timeout_s)
+
+
+class ConsumerView:
+    """The consumer as Celery's default strategy sees it, with ``on_task_request`` replaced."""
+
+    def __init__(self, consumer: Any, on_task_request: Callable[[Any], None]) -> None:
+        self._consumer = consumer
+        self.on_task_request = on_task_request
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+
+# -- result writes ---------------------------------------------------------------------------------------
+
+class RedisBackendWithWriteHook(RedisBackend):
+    """Celery's RedisBackend with one seam: a subclass may take a result write instead of Redis.
+
+    :meth:`divert_write` gets the task id, the result document Celery would store (``meta``) and
+    the state; returning True means the subclass took it and Celery writes nothing now.
+    """
+
+    def divert_write(self, task_id: str, meta: dict[str, Any], state: str) -> bool:
+        return False
+
+    def wants_writes(self) -> bool:
+        """Should this thread's result writes go to :meth:`divert_write` (cheap check first)?"""
+        return False
+
+    def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None,
+                      **kwargs: Any) -> Any:
+        if self.wants_writes():
+            meta = self._get_result_meta(result=result, state=state, traceback=traceback, request=request)
+            meta["task_id"] = bytes_to_str(task_id)
+            if self.divert_write(meta["task_id"], meta, state):
+                return result
+        return super()._store_result(task_id, result, state, traceback=traceback, request=request, **kwargs)
+
+
+# -- the embedded transport ---------------------------------------------------------------------------------
+
+class AtomicFilesystemChannel(filesystem.Channel):
+    """kombu's filesystem channel whose messages appear only once complete.
+
+    kombu's ``_put`` creates the message file and then writes it while a consumer may already be
+    moving it away: the consumer reads an empty file and the worker dies on the JSON error (seen
+    under load). Writing to a hidden temporary name in the same folder and renaming it into place
+    (``os.replace`` is atomic on POSIX) closes that window.
+    """
+
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        name = f"{int(round(monotonic() * 1000))}_{uuid.uuid4()}.{queue}.msg"
+        tmp = os.path.join(self.data_folder_out, f".tmp-{uuid.uuid4()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(str_to_bytes(dumps(payload)))
+            os.replace(tmp, os.path.join(self.data_folder_out, name))
+        except OSError as exc:
+            raise filesystem.ChannelError(f"Cannot add {name!r} to {self.data_folder_out!r}") from exc
+
+
+# -- producers ------------------------------------------------------------------------------------------------
+
+def reset_producer_state(app: Any) -> None:
+    """Drop an app's cached producer pool, result backend and router after its configuration changed.
+
+    Not closed: kombu's global producer pools may still share those connections.
+    """
+    import threading
+
+    app._pool = None
+    app._backend_cache = None
+    app._local = threading.local()
+    app.__dict__.pop("amqp", None)

@@ -1,0 +1,97 @@
+"""The Celery configuration of a heimdall-inference worker or producer, built from :class:`Settings`.
+
+``celeryconfig.py`` at the repository root (the module Celery loads) is ``build(process_settings())``;
+:func:`heimdall_inference.worker.celery_app.configure_app` applies ``build(other_settings)`` to a
+running producer. Each setting below says why it is what it is.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..settings import Settings
+from . import fs_transport  # noqa: F401  (registers heimdallfs://)
+from .topology import is_amqp, work_queue
+
+__all__ = ["build"]
+
+
+def build(s: Settings) -> dict[str, Any]:
+    """Celery settings (lower-case names) for these heimdall settings."""
+    amqp = is_amqp(s.broker_url)
+    conf: dict[str, Any] = dict(
+        broker_url=s.broker_url,
+        result_backend=s.result_backend,
+        # JSON and msgpack only: pickle would let whoever can publish run code in the worker.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json", "msgpack"],
+        result_accept_content=["json", "msgpack"],
+        # Acknowledge after the task ran, and requeue when the child dies, so a killed child's task
+        # is redelivered instead of lost; the quorum queue's delivery limit ends poison loops.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # Fixes take about a millisecond: reserved messages per child hide the broker round trip.
+        # They are also what a free child's micro-batch is drawn from (HEIMDALL_BATCH_MAX caps it):
+        # 100 closed-loop producers got ~460 fixes/s with 32, ~360 with 8 or 16 (docs/performance.md).
+        # The price is memory for chords: 32 x children chunk messages of ~4 MB (64 payloads) each.
+        worker_prefetch_multiplier=s.prefetch_multiplier,
+        # Keep retrying the broker at start-up (compose starts RabbitMQ and the workers together).
+        broker_connection_retry_on_startup=True,
+        # Far below RabbitMQ's consumer_timeout (30 min): a stuck task is killed and redelivered.
+        task_soft_time_limit=s.task_soft_time_limit_s,
+        task_time_limit=s.task_time_limit_s,
+        # Results are read once by the producer: keep them an hour, not forever.
+        result_expires=s.result_expires_s,
+        # No arguments in the result meta: result_extended would copy every payload (tens of KB of
+        # IQ, megabytes per chunk) into Redis next to its fix (measured: 3x slower chunks).
+        result_extended=False,
+        # No task events or STARTED states by default: three extra broker messages and a backend
+        # write per fix. Flower switches events on by broadcast when it connects (enable_events).
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        task_track_started=False,
+        # Children are recycled by memory, not by task count: the warm model is worth keeping.
+        worker_max_memory_per_child=1_500_000,  # KiB
+        worker_hijack_root_logger=False,
+        # A quorum work queue on a topic exchange, dead letters to heimdall.dead (topology module);
+        # every task goes to the work queue, and no queue is created by accident.
+        task_queues=(work_queue(s),),
+        task_default_queue=s.queue,
+        task_default_exchange="heimdall",
+        task_default_exchange_type="topic",
+        task_default_routing_key=f"{s.queue}.task",
+        task_create_missing_queues=False,
+        # An unreachable database (TransientError) is retried with exponential backoff (capped at
+        # 60 s) this many times before the task fails: about half an hour of outage loses nothing.
+        task_annotations={name: {"max_retries": s.db_retry_max}
+                          for name in ("heimdall.predict", "heimdall.predict_chunk")},
+    )
+    # Every key below is always set, so that build() also reconfigures an app configured before.
+    conf["result_backend_transport_options"] = {}
+    conf["broker_transport_options"] = {}
+    conf["worker_detect_quorum_queues"] = amqp
+    if s.result_backend.startswith(("redis://", "rediss://")):
+        # Celery's Redis backend, whose writes for a micro-batch of predict tasks go in one round
+        # trip (worker/result_backend.py); anything else it does exactly as Celery's.
+        conf["result_backend"] = "heimdall_inference.worker.result_backend:DeferredRedisBackend+" + s.result_backend
+        # One key prefix for everything this deployment keeps in Redis (results and the cache).
+        conf["result_backend_transport_options"] = {"global_keyprefix": s.redis_key_prefix}
+    if s.result_backend.startswith("file://"):  # the embedded default's result folder must exist
+        Path(s.result_backend.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
+    if amqp:
+        # Publisher confirms: a publish returns once RabbitMQ has the message (quorum queues need it).
+        conf["broker_transport_options"] = {"confirm_publish": True}
+        # (worker_detect_quorum_queues above: quorum queues cannot do global QoS, so Celery detects
+        # them and uses per-consumer prefetch.)
+    elif s.broker_url.startswith(("filesystem://", "heimdallfs://")):
+        # The embedded default: kombu's filesystem transport (heimdallfs: with atomic publishes), one
+        # folder for the queue.
+        d = Path(s.data_dir or ".heimdall") / "broker"
+        for sub in ("queue", "processed", "control"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        conf["broker_transport_options"] = {"data_folder_in": str(d / "queue"), "data_folder_out": str(d / "queue"),
+                                            "processed_folder": str(d / "processed"), "store_processed": False,
+                                            "control_folder": str(d / "control"), "polling_interval": 0.05}
+    return conf

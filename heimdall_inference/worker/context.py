@@ -1,0 +1,129 @@
+"""What one worker process holds, as one object: :class:`ProcessContext`.
+
+* In the **main process** (built at ``worker_init``): the settings and the metrics exporter.
+* In each **pool child** (built at ``worker_process_init``, after fork): the settings, the warm
+  :class:`~.service.Service` (ONNX session, feature plan, database pool, cache client) and the
+  child's metrics. Pools that do not fork (solo, threads) build it lazily on first use.
+
+A context is replaced as a whole (:func:`install`): the new one is complete before any task sees
+it, and the old one is closed afterwards (what the new one shares with it, such as the metrics, is
+kept). A context belongs to the process that built it: a forked child drops the context it inherited
+without closing it (its connections and its exporter thread are the parent's).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..core.localizer import Localizer
+from ..core.payload import Limits
+from ..core.session import SessionOptions
+from ..ops.exporter import MetricsExporter
+from ..ops.metrics import ServiceMetrics
+from ..settings import Settings, process_settings
+from ..store import open_store
+from ..store.cache import FixCache
+from .service import Service
+
+__all__ = ["ProcessContext", "build_service", "build_child_context", "current", "current_service", "install",
+           "metrics_enabled"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProcessContext:
+    """Everything one worker process holds; replace it as a whole, never piece by piece."""
+
+    settings: Settings
+    service: Service | None = None  #: pool children: the warm pipeline around the model
+    metrics: ServiceMetrics | None = None  #: pool children: counters and histograms (multiprocess files)
+    exporter: MetricsExporter | None = None  #: main process: /metrics and /healthz
+    pid: int = field(default_factory=os.getpid)  #: the process that built it (and may close it)
+
+    def with_(self, **changes: Any) -> "ProcessContext":
+        """A new context for this process with ``changes`` (e.g. another service on a model swap)."""
+        return replace(self, pid=os.getpid(), **changes)
+
+    def close(self, keep: "ProcessContext | None" = None) -> None:
+        """Release what this context holds, except what ``keep`` shares; a no-op in another process."""
+        if self.pid != os.getpid():
+            return
+        if self.service is not None and (keep is None or keep.service is not self.service):
+            self.service.close()
+        if self.exporter is not None and (keep is None or keep.exporter is not self.exporter):
+            self.exporter.stop()
+
+
+def metrics_enabled(settings: Settings) -> bool:
+    """Children record metrics when the worker exports them (the parent set up the multiprocess folder)."""
+    return settings.metrics_port > 0 and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+
+def build_service(settings: Settings, metrics: ServiceMetrics | None = None) -> Service:
+    """The warm Service for one process, from settings (loads the model: call it after fork)."""
+    fetch = None
+    if settings.s3_endpoint_url:
+        from ..store.objectstore import S3Fetcher
+
+        fetch = S3Fetcher(settings.s3_endpoint_url)
+    loc = Localizer(settings.model_path or None,
+                    session_options=SessionOptions(intra_op_threads=settings.onnx_threads,
+                                                   providers=settings.providers),
+                    limits=Limits(max_payload_bytes=settings.max_payload_bytes), fetch_iq_ref=fetch)
+    store = open_store(settings.database_url, schema=settings.db_schema, pool_max=settings.db_pool_max)
+    cache = FixCache(settings.cache_url, ttl_s=settings.cache_ttl_s, prefix=settings.redis_key_prefix) \
+        if settings.cache_url else None
+    return Service(loc, store, cache, metrics=metrics)
+
+
+def build_child_context(settings: Settings, metrics: ServiceMetrics | None = None) -> ProcessContext:
+    """A pool child's context: metrics (when exported) and the warm service."""
+    if metrics is None and metrics_enabled(settings):
+        metrics = ServiceMetrics(registry=None)  # multiprocess mode: the files are the registry
+    return ProcessContext(settings=settings, service=build_service(settings, metrics), metrics=metrics)
+
+
+class _Holder:
+    """The one slot for this process' context."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.context: ProcessContext | None = None
+
+
+_holder = _Holder()
+
+
+def current() -> ProcessContext | None:
+    """This process' context, or None before one is installed (or one inherited from a parent)."""
+    ctx = _holder.context
+    return ctx if ctx is not None and ctx.pid == os.getpid() else None
+
+
+def install(ctx: ProcessContext | None) -> ProcessContext | None:
+    """Make ``ctx`` this process' context; the previous one is closed (shared parts kept). Returns it."""
+    with _holder.lock:
+        old, _holder.context = _holder.context, ctx
+    if old is not None and old is not ctx:
+        old.close(keep=ctx)
+    return old
+
+
+def current_service() -> Service:
+    """This process' Service; built on first use where no fork signal built it (solo, threads)."""
+    ctx = current()
+    if ctx is not None and ctx.service is not None:
+        return ctx.service
+    with _holder.lock:
+        ctx = _holder.context if _holder.context is not None and _holder.context.pid == os.getpid() else None
+        if ctx is None or ctx.service is None:
+            base = ctx or ProcessContext(settings=process_settings())
+            built = build_child_context(base.settings, base.metrics)
+            ctx = base.with_(service=built.service, metrics=built.metrics)
+            _holder.context = ctx
+    return ctx.service  # type: ignore[return-value]

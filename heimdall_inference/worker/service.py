@@ -1,0 +1,233 @@
+"""What a worker process does with a payload, without Celery: decode, cache, locate, store.
+
+Tasks are thin wrappers over :class:`Service`. Invalid input raises :class:`PayloadError` after
+being recorded in the ``rejections`` table; store failures surface as :class:`TransientError`
+(retry with backoff) or :class:`StorageError`; the cache never fails a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..store.cache import FixCache
+from ..ops.metrics import ServiceMetrics
+from ..errors import PayloadError, TransientError
+from ..core.payload import DecodedPayload
+from ..core.localizer import Localizer, RawPayload
+from ..store import Store, fix_row, rejection_row
+
+__all__ = ["Service", "Counters", "Request", "summarize"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One heimdall.predict call: the payload, its task id and when the producer sent it."""
+
+    payload: RawPayload
+    task_id: str | None
+    sent_at_s: float | None = None
+
+
+@dataclass
+class Counters:
+    """Per-process counts (exported as metrics)."""
+
+    fixes: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    stored_new: int = 0
+    stored_duplicate: int = 0
+    batches: int = 0  #: predict_requests passes (fixes / batches = mean micro-batch size)
+
+
+class Service:
+    """One worker process' pipeline around a warm :class:`Localizer`."""
+
+    def __init__(self, localizer: Localizer, store: Store, cache: FixCache | None = None, *,
+                 alias: str | None = None, metrics: ServiceMetrics | None = None) -> None:
+        self.localizer = localizer
+        self.store = store
+        self.cache = cache
+        self.alias = alias
+        self.metrics = metrics
+        self.counters = Counters()
+
+    @property
+    def model_version(self) -> str:
+        """The cache's model key: version and file hash, so a new model never serves a stale fix."""
+        return f"{self.localizer.spec.version}-{self.localizer.session.sha256[:12]}"
+
+    def model_info(self) -> dict[str, Any]:
+        return {**self.localizer.session.info(), "alias": self.alias}
+
+    # -- single payloads ----------------------------------------------------------------------
+    def predict(self, payload: RawPayload, *, task_id: str | None, sent_at_s: float | None = None) -> dict[str, Any]:
+        """One payload -> one stored fix (idempotent on request id, else task id)."""
+        out = self.predict_requests([Request(payload, task_id, sent_at_s)])[0]
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def predict_requests(self, requests: Sequence[Request]) -> list[dict[str, Any] | PayloadError]:
+        """Single-task requests in one pass: one feature pass, one session run, one transaction.
+
+        Each slot gets its fix or its PayloadError (recorded). A store failure raises for all of
+        them (TransientError: the tasks retry; nothing was acknowledged).
+        """
+        t0 = time.time()
+        out: list[dict[str, Any] | PayloadError | None] = [None] * len(requests)
+        decoded: list[tuple[int, DecodedPayload]] = []
+        for i, r in enumerate(requests):
+            try:
+                decoded.append((i, self._decode_or_record(r.payload, r.task_id, digest=self.cache is not None)))
+            except PayloadError as exc:
+                out[i] = exc
+        decode_ms = (time.time() - t0) * 1e3 / max(1, len(requests))
+        misses: list[tuple[int, DecodedPayload]] = []
+        for (i, d), hit in zip(decoded, self._cached([d for _, d in decoded], [requests[i].task_id for i, _ in decoded])):
+            if hit is None:
+                misses.append((i, d))
+            else:
+                hit["timings_ms"]["decode"] = round(decode_ms, 3)
+                out[i] = hit
+        if misses:
+            fixes = self.localizer.fixes([d for _, d in misses], decode_ms=decode_ms * len(misses),
+                                         task_ids=[requests[i].task_id for i, _ in misses], alias=self.alias)
+            for (i, _), fix in zip(misses, fixes):
+                out[i] = fix
+            self._cache_put([(d, fix) for (_, d), fix in zip(misses, fixes)])
+        good = [f for f in out if isinstance(f, dict)]
+        for r, f in zip(requests, out):
+            if isinstance(f, dict):
+                f["batch_size"] = len(requests)  # handled in one pass with this many requests
+                if r.sent_at_s is not None:
+                    f["timings_ms"]["queue"] = round(max(0.0, t0 - r.sent_at_s) * 1e3, 3)
+        if good:
+            self._store(good)
+        self.counters.fixes += len(good)
+        self.counters.batches += 1
+        if self.metrics is not None:
+            self.metrics.batch.observe(len(requests))
+            self.metrics.fixes_done(good)
+        return out  # type: ignore[return-value]
+
+    def _decode_or_record(self, payload: RawPayload, task_id: str | None, *, digest: bool = True) -> DecodedPayload:
+        try:
+            return self.localizer.decode(payload, digest=digest)
+        except PayloadError as exc:
+            self._reject(exc, payload, task_id)
+            raise
+
+    def _reject(self, exc: PayloadError, payload: RawPayload, task_id: str | None) -> None:
+        self.counters.rejected[exc.code] = self.counters.rejected.get(exc.code, 0) + 1
+        if self.metrics is not None:
+            self.metrics.rejections.labels(code=exc.code).inc()
+        receivers, request_id = [], None
+        if isinstance(payload, dict):
+            rid = payload.get("request_id")
+            request_id = rid[:128] if isinstance(rid, str) else None
+            recs = payload.get("receivers")
+            if isinstance(recs, list):
+                receivers = [r["id"][:64] for r in recs[:16] if isinstance(r, dict) and isinstance(r.get("id"), str)]
+        size = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else exc.context.get("size_bytes")
+        try:
+            self.store.write_rejections([rejection_row(exc.to_dict(), task_id=task_id, request_id=request_id,
+                                                       receivers=receivers, size_bytes=size)])
+        except Exception:  # recording must not turn a clean rejection into a crash
+            log.exception("could not record a rejected payload (%s)", exc.code)
+
+    def _cached(self, decoded: Sequence[DecodedPayload], task_ids: Sequence[str | None]) -> list[dict[str, Any] | None]:
+        """Cached fixes for the payloads that allow it (one round trip), None for the others."""
+        out: list[dict[str, Any] | None] = [None] * len(decoded)
+        asks = [k for k, d in enumerate(decoded) if d.options.cache]
+        if self.cache is None or not asks:
+            return out
+        hits = self.cache.get_many(self.model_version, [decoded[k].digest for k in asks])
+        found = sum(h is not None for h in hits)
+        self.counters.cache_hits += found
+        self.counters.cache_misses += len(hits) - found
+        if self.metrics is not None:
+            self.metrics.cache_lookups(found, len(hits) - found)
+        for k, hit in zip(asks, hits):
+            if hit is None:
+                continue
+            d = decoded[k]
+            hit.update(task_id=task_ids[k], request_id=d.request_id, captured_at=d.captured_at, cached=True,
+                       timings_ms={"features": 0.0, "inference": 0.0})
+            hit["model"]["alias"] = self.alias
+            out[k] = hit
+        return out
+
+    def _cache_put(self, computed: Sequence[tuple[DecodedPayload, dict[str, Any]]]) -> None:
+        if self.cache is not None:
+            self.cache.put_many(self.model_version, [(d.digest, fix) for d, fix in computed if d.options.cache])
+
+    def _store(self, fixes: list[dict[str, Any]]) -> None:
+        t0 = time.perf_counter()
+        rows = [fix_row(f) for f in fixes]
+        try:
+            new = self.store.write_fixes(rows)
+        except TransientError:
+            if self.metrics is not None:
+                self.metrics.store_errors.inc()
+            raise
+        self.counters.stored_new += new
+        self.counters.stored_duplicate += len(rows) - new
+        ms = (time.perf_counter() - t0) * 1e3 / max(1, len(fixes))
+        for f in fixes:
+            f["timings_ms"]["store"] = round(ms, 3)
+
+    # -- chunks ---------------------------------------------------------------------------------
+    def predict_chunk(self, payloads: Sequence[RawPayload], *, task_id: str | None,
+                      offset: int = 0) -> dict[str, Any]:
+        """Many payloads, one vectorised pass, one database transaction; returns a small summary.
+
+        A payload without a request id is keyed ``<task id>:<index>`` so that a redelivered chunk
+        writes nothing twice.
+        """
+        t0 = time.perf_counter()
+        decoded: list[DecodedPayload] = []
+        keys: list[str | None] = []
+        errors: list[dict[str, Any]] = []
+        for i, p in enumerate(payloads):
+            try:
+                decoded.append(self._decode_or_record(p, task_id, digest=False))  # chunks skip the cache
+                keys.append(f"{task_id}:{offset + i}" if task_id else None)
+            except PayloadError as exc:
+                errors.append({"index": offset + i, **exc.to_dict()})
+        t1 = time.perf_counter()
+        fixes = self.localizer.fixes(decoded, decode_ms=(t1 - t0) * 1e3, task_ids=keys, alias=self.alias)
+        t2 = time.perf_counter()
+        if fixes:
+            self._store(fixes)
+        t3 = time.perf_counter()
+        self.counters.fixes += len(fixes)
+        if self.metrics is not None:
+            self.metrics.fixes_done(fixes)
+        return {"payloads": len(payloads), "fixes": len(fixes), "errors": errors,
+                "timings_ms": {"decode": round((t1 - t0) * 1e3, 3), "locate": round((t2 - t1) * 1e3, 3),
+                               "store": round((t3 - t2) * 1e3, 3)}}
+
+    def close(self) -> None:
+        self.store.close()
+        if self.cache is not None:
+            self.cache.close()
+
+
+def summarize(chunks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The chord callback's summary over chunk summaries."""
+    errors = [e for c in chunks for e in c.get("errors", [])]
+    timings: dict[str, float] = {}
+    for c in chunks:
+        for k, v in c.get("timings_ms", {}).items():
+            timings[k] = round(timings.get(k, 0.0) + v, 3)
+    return {"schema": "heimdall.batch/v1", "chunks": len(chunks), "payloads": sum(c["payloads"] for c in chunks),
+            "fixes": sum(c["fixes"] for c in chunks), "errors": len(errors), "error_details": errors[:100],
+            "timings_ms": timings}

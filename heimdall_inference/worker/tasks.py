@@ -1,0 +1,85 @@
+"""Celery tasks: thin wrappers over :class:`heimdall_inference.worker.service.Service`.
+
+* ``heimdall.predict(payload)`` -> ``heimdall.fix/v1``; invalid input fails with the typed
+  :class:`PayloadError` (``{"code", "message", "field"}``), never retried; an unreachable database
+  is retried with exponential backoff.
+* ``heimdall.predict_chunk(payloads, offset)`` -> chunk summary (one vectorised pass, one transaction).
+* ``heimdall.predict_batch(payloads, chunk_size)`` -> replaced by a chord of chunks and a summary.
+* ``heimdall.collect(summaries)`` -> ``heimdall.batch/v1`` summary (the chord callback).
+* ``heimdall.model_info()`` -> the model's name, version, hash, providers and card.
+* ``heimdall.noop()`` -> None: the benchmark's floor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import chord, group
+
+from .celery_app import app
+from ..errors import PayloadCode, PayloadError, TransientError
+from .batching import MISSING, sent_at_s, take_precomputed
+from .service import summarize
+from .context import current_service
+
+__all__ = ["predict", "predict_chunk", "predict_batch", "collect", "model_info", "noop", "batch_signature"]
+
+MAX_BATCH_PAYLOADS = 1000  #: heimdall.predict_batch carries its payloads in one message; cap it
+
+_retry = dict(autoretry_for=(TransientError,), retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
+              max_retries=8, throws=(PayloadError,))
+
+
+@app.task(name="heimdall.predict", bind=True, Strategy="heimdall_inference.worker.batching:strategy", **_retry)
+def predict(self, payload: Any) -> dict[str, Any]:
+    done = take_precomputed(self.request.id)  # computed with others by batching.run_batch
+    if done is not MISSING:
+        if isinstance(done, BaseException):
+            raise done
+        return done
+    return current_service().predict(payload, task_id=self.request.id, sent_at_s=sent_at_s(vars(self.request)))
+
+
+@app.task(name="heimdall.predict_chunk", bind=True, **_retry)
+def predict_chunk(self, payloads: list[Any], offset: int = 0) -> dict[str, Any]:
+    if not isinstance(payloads, list):
+        raise PayloadError(PayloadCode.INVALID_FIELD, "a chunk is a list of payloads", "payloads")
+    return current_service().predict_chunk(payloads, task_id=self.request.id, offset=int(offset))
+
+
+@app.task(name="heimdall.collect")
+def collect(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    return summarize(summaries)
+
+
+def batch_signature(payloads: list[Any], chunk_size: int = 64, serializer: str = "json"):
+    """chord(group(predict_chunk ...), collect): the fixes go to the database, the summary comes back."""
+    if chunk_size < 1:
+        raise ValueError("chunk_size must be positive")
+    chunks = [predict_chunk.s(payloads[i:i + chunk_size], i).set(
+                  serializer=serializer, argsrepr=f"(<{len(payloads[i:i + chunk_size])} payloads>, {i})")
+              for i in range(0, len(payloads), chunk_size)]
+    return chord(group(chunks), collect.s())
+
+
+@app.task(name="heimdall.predict_batch", bind=True, throws=(PayloadError,))
+def predict_batch(self, payloads: list[Any], chunk_size: int = 64) -> Any:
+    if not isinstance(payloads, list) or not payloads:
+        raise PayloadError(PayloadCode.INVALID_FIELD, "a batch is a non-empty list of payloads", "payloads")
+    if len(payloads) > MAX_BATCH_PAYLOADS:
+        raise PayloadError(PayloadCode.PAYLOAD_TOO_LARGE, f"{len(payloads)} payloads in one message; send at most "
+                           f"{MAX_BATCH_PAYLOADS}, or build the chord client-side (client.predict_batch)", "payloads")
+    if not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_BATCH_PAYLOADS:
+        raise PayloadError(PayloadCode.INVALID_FIELD, "chunk_size must be an integer in 1..1000", "chunk_size")
+    raise self.replace(batch_signature(payloads, chunk_size))
+
+
+@app.task(name="heimdall.noop")
+def noop(_: Any = None) -> None:
+    """Does nothing: the benchmark's floor (Celery's own per-task cost on this broker and backend)."""
+    return None
+
+
+@app.task(name="heimdall.model_info")
+def model_info() -> dict[str, Any]:
+    return current_service().model_info()

@@ -1,0 +1,42 @@
+"""The service benchmark on tiny settings: its accounting, not its timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from heimdall_inference.bench.service import BenchConfig, format_report, plot_report, run_service_bench
+
+
+@pytest.mark.integration
+def test_tiny_bench_on_the_real_servers_accounts_for_every_payload(live, live_worker, tmp_path):
+    servers, _ = live
+    report = run_service_bench(servers.settings, BenchConfig.tiny(workers=2), start_worker=False, log_dir=tmp_path,
+                               progress=lambda m: None)
+    a = report["accounting"]
+    assert a["lost"] == 0 and a["submitted"] == a["fix_rows"] + a["rejection_rows"]
+    assert a["rejection_rows"] == a["invalid_sent"]
+    assert report["batch"]["rows"] + report["batch"]["errors"] == 64
+    assert [c["producers"] for c in report["closed_loop"]] == [1, 4]
+    assert all(c["errors"] == 0 for c in report["closed_loop"])
+    assert report["ratios"]["single_over_noop"] > 0 and report["ratios"]["batch_over_inprocess"] > 0
+    assert 1.0 < report["message_bytes"]["json_base64_bytes_per_fix"] / report["message_bytes"]["msgpack_bytes_per_fix"]
+    text = format_report(report)
+    assert "accounting" in text and "lost 0" in text
+    assert plot_report(report, tmp_path / "b.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_bench_command_on_the_embedded_transport(tmp_path):
+    out = tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, "-m", "heimdall_inference", "bench", "--tiny", "--embedded", "--workers", "2",
+                          "--json", str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**os.environ, "HEIMDALL_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//"})
+    assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["accounting"]["lost"] == 0
+    assert report["cold_start_to_first_fix_s"] < 30

@@ -1,0 +1,97 @@
+"""Prometheus metrics: what a child records, the exporter, and a real worker's /metrics and /healthz."""
+
+from __future__ import annotations
+
+import copy
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from heimdall_inference.errors import PayloadError, TransientError
+from heimdall_inference.ops.metrics import ServiceMetrics
+from heimdall_inference.worker.service import Request, Service
+from heimdall_inference.store import MemoryStore
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _samples(text: str) -> dict[tuple, float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def test_the_service_records_fixes_rejections_stages_and_batches(localizer, scenes_and_payloads):
+    reg = CollectorRegistry()
+    svc = Service(localizer, MemoryStore(), metrics=ServiceMetrics(reg))
+    docs = [copy.deepcopy(d) for d in scenes_and_payloads[1][:5]]
+    bad = {**docs[0], "receivers": docs[0]["receivers"][:2]}
+    out = svc.predict_requests([Request(d, f"t{i}") for i, d in enumerate(docs + [bad])])
+    assert isinstance(out[-1], PayloadError)
+    v = reg.get_sample_value
+    assert v("heimdall_fixes_total", {"cached": "false"}) == 5
+    assert v("heimdall_rejections_total", {"code": "too_few_receivers"}) == 1
+    assert v("heimdall_batch_size_count") == 1 and v("heimdall_batch_size_sum") == 6
+    assert v("heimdall_stage_seconds_count", {"stage": "inference"}) == 5
+    assert 0 < v("heimdall_stage_seconds_sum", {"stage": "features"}) < 5
+    svc.metrics.cache_lookups(3, 1)
+    assert (v("heimdall_cache_requests_total", {"result": "hit"}), v("heimdall_cache_requests_total", {"result": "miss"})) == (3, 1)
+
+
+def test_store_outages_are_counted(localizer, scenes_and_payloads):
+    class Down(MemoryStore):
+        def write_fixes(self, rows):
+            raise TransientError("PostgreSQL unreachable")
+
+    reg = CollectorRegistry()
+    svc = Service(localizer, Down(), metrics=ServiceMetrics(reg))
+    with pytest.raises(TransientError):
+        svc.predict(scenes_and_payloads[1][0], task_id="t")
+    assert reg.get_sample_value("heimdall_store_errors_total") == 1
+
+
+@pytest.mark.integration
+def test_a_worker_exports_its_childrens_metrics_and_health(tmp_path, scenes_and_payloads):
+    from heimdall_inference.client import submit
+
+    from ..live import isolated_worker
+
+    port = _free_port()
+    with isolated_worker("metrics", tmp_path / "w.log", concurrency=2, metrics_port=port) as (_, store, _worker):
+        docs = [copy.deepcopy(d) for d in scenes_and_payloads[1][:6]]
+        repeat = {**copy.deepcopy(docs[0]), "request_id": "again"}  # same IQ: a cache hit
+        bad = {**copy.deepcopy(docs[1]), "receivers": docs[1]["receivers"][:2], "request_id": "bad"}
+        for d in docs:
+            submit(d).get(timeout=60)
+        assert submit(repeat).get(timeout=60)["cached"] is True
+        with pytest.raises(PayloadError):
+            submit(bad).get(timeout=60)
+        code, text = _get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200
+        m = _samples(text)
+        assert m[("heimdall_fixes_total", (("cached", "false"),))] == 6
+        assert m[("heimdall_fixes_total", (("cached", "true"),))] == 1
+        assert m[("heimdall_rejections_total", (("code", "too_few_receivers"),))] == 1
+        assert m[("heimdall_cache_requests_total", (("result", "hit"),))] == 1
+        assert m[("heimdall_batch_size_count", ())] >= 1
+        assert m[("heimdall_stage_seconds_count", (("stage", "inference"),))] == 6
+        code, body = _get(f"http://127.0.0.1:{port}/healthz")
+        health = json.loads(body)
+        assert code == 200 and health["status"] == "ok" and health["children"] == 2 and health["broker_connected"]
+        assert store.count_fixes() == 7

@@ -1,0 +1,138 @@
+"""Micro-batching across the prefork pool: greedy batches, per-request outcomes, failure isolation."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from heimdall_inference.worker.batching import PoolBatcher
+
+
+class FakeRequest:
+    def __init__(self, name: str, revoked: bool = False) -> None:
+        self.id = name
+        self._revoked = revoked
+        self.time_limits = (None, None)
+        self.task = type("T", (), {"soft_time_limit": None, "time_limit": None})()
+        self._type, self._request_dict, self._body = "heimdall.predict", {}, b""
+        self._content_type, self._content_encoding = "application/json", "utf-8"
+        self.events: list[tuple] = []
+
+    def revoked(self) -> bool:
+        return self._revoked
+
+    def on_accepted(self, pid, t):
+        self.events.append(("accepted", pid))
+
+    def on_success(self, res):
+        self.events.append(("success", res))
+
+    def on_failure(self, exc_info):
+        self.events.append(("failure", exc_info))
+
+    def on_timeout(self, soft, timeout):
+        self.events.append(("timeout", soft))
+
+    def execute_using_pool(self, pool):
+        self.events.append(("alone",))
+
+
+class FakePool:
+    """Holds submitted jobs until the test finishes them (like children that are busy)."""
+
+    def __init__(self) -> None:
+        self.jobs: list[dict] = []
+
+    def apply_async(self, fn, args, **callbacks):
+        self.jobs.append({"items": args[0], **callbacks})
+
+
+def test_a_lone_request_goes_at_once_and_requests_gather_while_children_are_busy():
+    pool = FakePool()
+    b = PoolBatcher(pool, batch_max=3, slots=2)
+    reqs = [FakeRequest(f"r{i}") for i in range(8)]
+    b.submit(reqs[0])
+    assert [len(j["items"]) for j in pool.jobs] == [1]  # no waiting for company
+    b.submit(reqs[1])
+    assert [len(j["items"]) for j in pool.jobs] == [1, 1]  # both children busy now
+    for r in reqs[2:]:
+        b.submit(r)
+    assert len(pool.jobs) == 2 and len(b.waiting) == 6
+    pool.jobs[0]["accept_callback"](123, 0.0)
+    pool.jobs[0]["callback"](["fix0"])  # one child is free: it takes up to batch_max
+    assert [len(j["items"]) for j in pool.jobs] == [1, 1, 3] and len(b.waiting) == 3
+    assert reqs[0].events == [("accepted", 123), ("success", "fix0")]
+    pool.jobs[2]["callback"](["a", "b", "c"])
+    assert [r.events[-1] for r in reqs[2:5]] == [("success", "a"), ("success", "b"), ("success", "c")]
+    assert list(b.sizes) == [1, 1, 3, 3] and b.in_flight == 2
+
+
+def test_a_batch_that_dies_is_run_again_request_by_request():
+    pool = FakePool()
+    b = PoolBatcher(pool, batch_max=4, slots=1)
+    first, *rest = [FakeRequest(f"r{i}") for i in range(5)]
+    b.submit(first)
+    for r in rest:
+        b.submit(r)
+    pool.jobs[0]["error_callback"]("WorkerLostError")  # a lone request fails like a single task
+    assert first.events == [("failure", "WorkerLostError")]
+    assert len(pool.jobs[1]["items"]) == 4
+    pool.jobs[1]["error_callback"]("WorkerLostError")  # a batch: each runs alone, neighbours unharmed
+    assert all(r.events == [("alone",)] for r in rest) and b.in_flight == 0
+
+
+def test_revoked_requests_are_not_sent():
+    pool = FakePool()
+    b = PoolBatcher(pool, batch_max=4, slots=1)
+    b.submit(FakeRequest("gone", revoked=True))
+    assert pool.jobs == [] and not b.waiting
+
+
+@pytest.mark.integration
+def test_a_burst_is_micro_batched_by_a_prefork_worker(tmp_path, scenes_and_payloads):
+    from heimdall_inference.client import submit
+
+    from ..live import isolated_worker
+
+    with isolated_worker("pbatch", tmp_path / "w.log", concurrency=1, batch_max=8) as (_, store, _worker):
+        docs = [copy.deepcopy(d) for d in scenes_and_payloads[1][:40]]
+        bad = copy.deepcopy(docs[5])
+        bad["receivers"] = bad["receivers"][:2]
+        bad["request_id"] = "too-few"
+        docs.append(bad)
+        results = [submit(d) for d in docs]
+        fixes = [r.get(timeout=60) for r in results[:-1]]
+        with pytest.raises(Exception) as err:
+            results[-1].get(timeout=60)
+        assert getattr(err.value, "code", None) == "too_few_receivers"
+        assert [f["request_id"] for f in fixes] == [d["request_id"] for d in docs[:-1]]
+        assert all(f["task_id"] == r.id for f, r in zip(fixes, results))
+        sizes = [f["batch_size"] for f in fixes]
+        assert max(sizes) > 1 and max(sizes) <= 8  # one child, a burst: it must have batched
+        assert store.count_fixes() == 40 and store.count_rejections() == 1
+
+
+@pytest.mark.integration
+def test_killing_a_child_under_batched_load_loses_nothing(tmp_path, scenes_and_payloads):
+    from heimdall_inference.client import submit
+
+    from ..live import isolated_worker
+
+    with isolated_worker("pkill", tmp_path / "w.log", concurrency=2, batch_max=16) as (_, store, worker):
+        docs = []
+        for k in range(3):  # 3 x 48 payloads with distinct request ids
+            for d in scenes_and_payloads[1][:48]:
+                d = copy.deepcopy(d)
+                d["request_id"] = f"{d['request_id']}-{k}"
+                docs.append(d)
+        results = [submit(d) for d in docs]
+        results[8].get(timeout=60)  # work is under way: kill a child in the middle of it
+        children = [int(p) for p in Path(f"/proc/{worker.proc.pid}/task/{worker.proc.pid}/children").read_text().split()]
+        os.kill(children[0], signal.SIGKILL)
+        fixes = [r.get(timeout=120) for r in results]
+        assert sorted(f["request_id"] for f in fixes) == sorted(d["request_id"] for d in docs)
+        assert store.count_fixes() == len(docs)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.special import log_ndtr, ndtr
+from scipy.special import log_ndtr, logsumexp, ndtr
 
 from ..core.network import Network
 from ..core.localizer import Localizer
@@ -132,8 +132,8 @@ def _midpoints(lo: float, hi: float, n: int) -> np.ndarray:
 
 
 def _logmeanexp(x: np.ndarray, axis: int) -> np.ndarray:
-    m = x.max(axis=axis, keepdims=True)
-    return (m + np.log(np.mean(np.exp(x - m), axis=axis, keepdims=True))).squeeze(axis)
+    """log(mean(exp(x))) along ``axis``, without overflow."""
+    return logsumexp(x, axis=axis) - np.log(x.shape[axis])
 
 
 def crb_position(network: Network, scenes: Scenes, priors: Priors) -> np.ndarray:

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import psycopg
+from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -21,6 +22,7 @@ __all__ = ["PostgresStore"]
 
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
+# {schema} is filled in with sql.Identifier (quoted by psycopg), never with string formatting.
 DDL = """
 CREATE SCHEMA IF NOT EXISTS {schema};
 CREATE TABLE IF NOT EXISTS {schema}.predictions (
@@ -61,11 +63,12 @@ CREATE TABLE IF NOT EXISTS {schema}.rejections (
 );
 """
 
+# {table} is the predictions table's name as a text literal (a regclass argument), {schema} an Identifier.
 TIMESCALE = """
-SELECT create_hypertable('{schema}.predictions', 'captured_at', if_not_exists => TRUE, migrate_data => TRUE);
+SELECT create_hypertable({table}, 'captured_at', if_not_exists => TRUE, migrate_data => TRUE);
 ALTER TABLE {schema}.predictions SET (timescaledb.compress, timescaledb.compress_segmentby = 'model_version');
-SELECT add_compression_policy('{schema}.predictions', INTERVAL '7 days', if_not_exists => TRUE);
-SELECT add_retention_policy('{schema}.predictions', INTERVAL '400 days', if_not_exists => TRUE);
+SELECT add_compression_policy({table}, INTERVAL '7 days', if_not_exists => TRUE);
+SELECT add_retention_policy({table}, INTERVAL '400 days', if_not_exists => TRUE);
 """
 
 
@@ -73,21 +76,24 @@ class PostgresStore:
     """``predictions`` and ``rejections`` in one schema, through a small connection pool."""
 
     def __init__(self, url: str, *, schema: str = "public", pool_max: int = 4, timeout_s: float = 5.0) -> None:
-        if not _IDENT.match(schema):
+        if not _IDENT.match(schema):  # quoting would make any name safe; this keeps names plain and portable
             raise ValueError(f"invalid schema name {schema!r}")
         self.schema = schema
+        self._schema = sql.Identifier(schema)
+        self._predictions = sql.Identifier(schema, "predictions")
+        self._rejections = sql.Identifier(schema, "rejections")
         self.timeout_s = timeout_s
         self.pool = ConnectionPool(url, min_size=1, max_size=max(1, pool_max), open=False, timeout=timeout_s,
                                    kwargs={"autocommit": False, "connect_timeout": max(1, int(timeout_s))},
                                    name=f"heimdall-{schema}")
         self.pool.open(wait=False)
-        cols = ", ".join(FIX_COLUMNS)
-        marks = ", ".join(f"%({c})s" for c in FIX_COLUMNS)
-        self._insert_fix = (f"INSERT INTO {schema}.predictions ({cols}) VALUES ({marks}) "
-                            "ON CONFLICT (fix_key, captured_at) DO NOTHING")
-        rcols = ", ".join(REJECTION_COLUMNS)
-        self._insert_rej = (f"INSERT INTO {schema}.rejections ({rcols}) VALUES "
-                            f"({', '.join(f'%({c})s' for c in REJECTION_COLUMNS)})")
+        # rendered once: the hot path executes a plain string, as a hand-written one would be
+        self._insert_fix = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (fix_key, captured_at) DO NOTHING").format(
+            self._predictions, sql.SQL(", ").join(map(sql.Identifier, FIX_COLUMNS)),
+            sql.SQL(", ").join(map(sql.Placeholder, FIX_COLUMNS))).as_string()
+        self._insert_rej = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+            self._rejections, sql.SQL(", ").join(map(sql.Identifier, REJECTION_COLUMNS)),
+            sql.SQL(", ").join(map(sql.Placeholder, REJECTION_COLUMNS))).as_string()
 
     def _run(self, fn):
         """Run ``fn(conn)`` in one transaction: the pool commits on success, rolls back on error."""
@@ -101,13 +107,14 @@ class PostgresStore:
 
     def init_schema(self) -> dict[str, Any]:
         def go(conn: psycopg.Connection) -> dict[str, Any]:
-            conn.execute(DDL.format(schema=self.schema))
+            conn.execute(sql.SQL(DDL).format(schema=self._schema))
             row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
             done = {"backend": "postgresql", "schema": self.schema, "timescaledb": False}
             if row:
                 conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-                for stmt in TIMESCALE.format(schema=self.schema).strip().split(";\n"):
-                    conn.execute(stmt)
+                table = sql.Literal(self._predictions.as_string(conn))
+                for stmt in TIMESCALE.strip().split(";\n"):
+                    conn.execute(sql.SQL(stmt).format(schema=self._schema, table=table))
                 done["timescaledb"] = True
             return done
 
@@ -132,21 +139,23 @@ class PostgresStore:
             self._run(lambda conn: conn.cursor().executemany(self._insert_rej, rows))
 
     def count_rejections(self) -> int:
-        return self._run(lambda conn: conn.execute(f"SELECT count(*) FROM {self.schema}.rejections").fetchone()[0])
+        return self._run(lambda conn: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(self._rejections))
+                         .fetchone()[0])
 
     def count_fixes(self) -> int:
-        return self._run(lambda conn: conn.execute(f"SELECT count(*) FROM {self.schema}.predictions").fetchone()[0])
+        return self._run(lambda conn: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(self._predictions))
+                         .fetchone()[0])
 
     def fetch_fix(self, fix_key: str) -> dict[str, Any] | None:
         """The stored fix document for a request or task id (newest first)."""
         row = self._run(lambda conn: conn.execute(
-            f"SELECT fix FROM {self.schema}.predictions WHERE fix_key = %s ORDER BY captured_at DESC LIMIT 1",
+            sql.SQL("SELECT fix FROM {} WHERE fix_key = %s ORDER BY captured_at DESC LIMIT 1").format(self._predictions),
             (fix_key,)).fetchone())
         return row[0] if row else None
 
     def drop_schema(self) -> None:
         """Remove the schema and everything in it (tests)."""
-        self._run(lambda conn: conn.execute(f"DROP SCHEMA IF EXISTS {self.schema} CASCADE"))
+        self._run(lambda conn: conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(self._schema)))
 
     def close(self) -> None:
         self.pool.close()

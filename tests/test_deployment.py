@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -51,3 +53,60 @@ def test_dockerfile_passes_hadolint():
     assert res.returncode == 0, res.stdout + res.stderr
     text = (ROOT / "worker.Dockerfile").read_text()
     assert "USER 10001" in text and "HEALTHCHECK" in text  # non-root, health-checked
+
+
+@pytest.mark.slow
+def test_the_worker_runs_from_the_wheel_the_image_installs(tmp_path, scenes_and_payloads):
+    """What worker.Dockerfile does: build the wheel from the layout, install it, start the worker
+    outside the repository (celeryconfig comes with the wheel), and get a real fix from it."""
+    from heimdall_inference.client import submit
+    from heimdall_inference.settings import Settings
+    from heimdall_inference.worker.celery_app import configure_app
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.cfg", "README.md", "celeryconfig.py"):  # the Dockerfile's COPY lines
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "heimdall_inference", src / "heimdall_inference",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                          "-w", str(tmp_path / "wheels"), str(src)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    (wheel,) = (tmp_path / "wheels").glob("heimdall_inference-*.whl")
+    site = tmp_path / "site"
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"celeryconfig.py", "heimdall_inference/models/localization_model.onnx",
+            "heimdall_inference/data/reference_network.json", "heimdall_inference/worker/celery_app.py"} <= set(names)
+    zipfile.ZipFile(wheel).extractall(site)
+
+    run = tmp_path / "run"  # not the repository: nothing there to import by accident
+    run.mkdir()
+    settings = Settings.embedded(tmp_path / "data")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(site), **settings.to_env()}
+    where = subprocess.run([sys.executable, "-c", "import heimdall_inference, celeryconfig; "
+                            "print(heimdall_inference.__file__); print(celeryconfig.__file__)"],
+                           cwd=run, env=env, capture_output=True, text=True, timeout=60)
+    assert where.returncode == 0, where.stderr
+    assert all(line.startswith(str(site)) for line in where.stdout.split()), where.stdout
+    init = subprocess.run([sys.executable, "-m", "heimdall_inference", "db", "init"], cwd=run, env=env,
+                          capture_output=True, text=True, timeout=60)  # what the compose stack's db-init runs
+    assert init.returncode == 0 and '"backend": "sqlite"' in init.stdout, init.stderr
+    log = tmp_path / "worker.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "heimdall_inference.worker", "worker",
+                                   "--concurrency", "1", "--without-gossip", "--without-mingle", "--loglevel", "INFO"],
+                                  cwd=run, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        import time
+
+        deadline = time.monotonic() + 60
+        while b" ready." not in log.read_bytes():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.1)
+        configure_app(settings)
+        fix = submit(scenes_and_payloads[1][0]).get(timeout=60)
+        assert fix["schema"] == "heimdall.fix/v1" and fix["model"]["name"] == "localization_model"
+    finally:
+        configure_app(Settings.from_env())
+        worker.terminate()
+        worker.wait(timeout=30)

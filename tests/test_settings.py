@@ -9,6 +9,15 @@ from heimdall_inference.settings import Settings, process_settings, set_process_
 from heimdall_inference.worker.config import build
 
 
+@pytest.fixture(autouse=True)
+def no_heimdall_environment(monkeypatch):
+    """These tests set what they read: a developer's exported HEIMDALL_* must not leak in."""
+    import os
+
+    for key in [k for k in os.environ if k.startswith("HEIMDALL_")]:
+        monkeypatch.delenv(key)
+
+
 def test_defaults_follow_compose_service_names():
     s = Settings()
     assert "@rabbitmq:5672" in s.broker_url and "redis:6379" in s.result_backend and "@db:5432" in s.database_url
@@ -57,11 +66,10 @@ def test_a_bad_variable_is_one_clear_line_naming_it(monkeypatch, var, value, say
 
 
 def test_passwords_never_appear_in_errors_or_reports(monkeypatch):
-    monkeypatch.setenv("HEIMDALL_DATABASE_URL", "postgresql://u:hunter2@db/x")
-    monkeypatch.setenv("HEIMDALL_ONNX_THREADS", "0")
+    monkeypatch.setenv("HEIMDALL_QUEUE", "amqp://u:hunter2@db/x")  # a URL pasted into the wrong variable
     with pytest.raises(ConfigError) as err:
         Settings.from_env()
-    assert "hunter2" not in str(err.value)
+    assert "HEIMDALL_QUEUE='amqp://u:***@db/x'" in str(err.value) and "hunter2" not in str(err.value)
     s = Settings(broker_url="amqp://user:s3cret@h:5672//")
     assert s.redacted()["broker_url"] == "amqp://user:***@h:5672//"
     assert "s3cret" not in str(s.redacted())

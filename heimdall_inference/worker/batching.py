@@ -123,7 +123,7 @@ class PoolBatcher:
 
     def submit(self, req: Any) -> None:
         """The consumer's ``on_task_request`` for predict tasks: queue, then send what can go."""
-        if req.revoked():
+        if internals.is_revoked(req):
             return
         self.waiting.append(req)
         self.pump()
@@ -131,49 +131,38 @@ class PoolBatcher:
     def pump(self) -> None:
         while self.waiting and self.in_flight < self.slots:
             batch = [self.waiting.popleft() for _ in range(min(self.batch_max, len(self.waiting)))]
-            batch = [r for r in batch if not r.revoked()]
+            batch = [r for r in batch if not internals.is_revoked(r)]
             if batch:
-                self._send(batch)
+                self._send(internals.BatchRequests(batch))
 
-    def _send(self, batch: list[Any]) -> None:
+    def _send(self, batch: internals.BatchRequests) -> None:
         self.in_flight += 1
         self.sizes.append(len(batch))
-        hard, soft = batch[0].time_limits
-        task = batch[0].task
-
-        def accepted(pid: int, time_accepted: float) -> None:
-            for r in batch:
-                r.on_accepted(pid, time_accepted)
-
-        def soft_timed_out(timeout_s: float) -> None:
-            for r in batch:
-                r.on_timeout(True, timeout_s)
 
         def done(results: list[Any]) -> None:
             try:
-                for r, res in zip(batch, results):
-                    r.on_success(res)
+                batch.succeeded(results)
             finally:
                 self._finished()
 
         def failed(exc_info: Any) -> None:
             try:
                 if len(batch) == 1:
-                    batch[0].on_failure(exc_info)
+                    batch.failed(exc_info)
                 else:
                     log.warning("a batch of %d predict tasks failed as a whole (%r); running each alone",
                                 len(batch), getattr(exc_info, "exception", exc_info))
-                    for r in batch:
-                        if not r.revoked():
-                            r.execute_using_pool(self.pool)
+                    for r in batch.requests:
+                        if not internals.is_revoked(r):
+                            internals.run_alone(r, self.pool)
             finally:
                 self._finished()
 
+        soft_s, hard_s = batch.time_limits()
         try:
-            internals.apply_to_pool(self.pool, run_batch, ([internals.trace_args(r) for r in batch],),
-                                    on_accepted=accepted, on_soft_timeout=soft_timed_out, on_done=done,
-                                    on_failed=failed, soft_timeout_s=soft or task.soft_time_limit,
-                                    timeout_s=hard or task.time_limit)
+            internals.apply_to_pool(self.pool, run_batch, (batch.trace_args(),), on_accepted=batch.accepted,
+                                    on_soft_timeout=batch.soft_timed_out, on_done=done, on_failed=failed,
+                                    soft_timeout_s=soft_s, timeout_s=hard_s)
         except BaseException:
             self._finished()
             raise
@@ -191,6 +180,5 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     if batch_max <= 1 or not internals.is_prefork_pool(consumer.pool):
         return internals.default_strategy(task, app, consumer, **kwargs)
     batcher = PoolBatcher(consumer.pool, batch_max)
-    consumer.heimdall_batcher = batcher  # for inspection
     log.info("heimdall.predict: micro-batches of up to %d over %d children", batch_max, batcher.slots)
     return internals.default_strategy(task, app, internals.ConsumerView(consumer, batcher.submit), **kwargs)

@@ -5,7 +5,9 @@ The service needs a few things those libraries do not offer as public API:
 * **micro-batching** (:mod:`.batching`): Celery's default execution strategy with another
   ``on_task_request``; a request's raw tracer arguments (``Request._type``, ``_request_dict``,
   ``_body``, ``_content_type``, ``_content_encoding``); the tracer itself (``fast_trace_task`` /
-  ``trace_task_ret``); the prefork pool's ``apply_async`` with its accept/timeout/result callbacks;
+  ``trace_task_ret``); the prefork pool's ``apply_async`` with its accept/timeout/result callbacks,
+  and the worker Request's side of them (``on_accepted``, ``on_timeout``, ``on_success``,
+  ``on_failure``, ``execute_using_pool``, ``time_limits``, ``revoked``);
 * **batched result writes** (:mod:`.result_backend`): ``RedisBackend._store_result`` and
   ``Backend._get_result_meta``;
 * **atomic publishes on the filesystem transport** (:mod:`.fs_transport`): ``Channel._put``;
@@ -41,6 +43,7 @@ from ..errors import ConfigError
 
 __all__ = ["TESTED_VERSIONS", "installed_versions", "check_versions", "VersionGuard",
            "default_strategy", "is_prefork_pool", "trace_args", "tracer", "apply_to_pool", "ConsumerView",
+           "BatchRequests", "is_revoked", "run_alone",
            "RedisBackendWithWriteHook", "AtomicFilesystemChannel", "reset_producer_state"]
 
 TESTED_VERSIONS: Mapping[str, tuple[int, int]] = {"celery": (5, 7), "kombu": (5, 7), "billiard": (4, 3)}
@@ -126,6 +129,53 @@ def apply_to_pool(pool: Any, fn: Callable[..., Any], args: tuple, *, on_accepted
     return pool.apply_async(fn, args=args, accept_callback=on_accepted, timeout_callback=timed_out,
                             callback=on_done, error_callback=on_failed, soft_timeout=soft_timeout_s,
                             timeout=timeout_s)
+
+
+def is_revoked(request: Any) -> bool:
+    """Has this worker Request been revoked (or expired) meanwhile?"""
+    return bool(request.revoked())
+
+
+def run_alone(request: Any, pool: Any) -> None:
+    """Send one worker Request to the pool exactly as Celery would have."""
+    request.execute_using_pool(pool)
+
+
+class BatchRequests:
+    """The worker Requests of one micro-batch, and what Celery's pool callbacks do for each of them."""
+
+    def __init__(self, requests: list[Any]) -> None:
+        self.requests = requests
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+    def time_limits(self) -> tuple[float | None, float | None]:
+        """(soft, hard) seconds, as ``Request.execute_using_pool`` computes them (the first request's)."""
+        first = self.requests[0]
+        hard, soft = first.time_limits
+        return soft or first.task.soft_time_limit, hard or first.task.time_limit
+
+    def trace_args(self) -> list[tuple]:
+        return [trace_args(r) for r in self.requests]
+
+    def accepted(self, pid: int, time_accepted: float) -> None:
+        for r in self.requests:
+            r.on_accepted(pid, time_accepted)
+
+    def soft_timed_out(self, timeout_s: float) -> None:
+        for r in self.requests:
+            r.on_timeout(True, timeout_s)
+
+    def succeeded(self, results: list[Any]) -> None:
+        """Each request's tracer result, handed to it as the pool would (ack, result, events)."""
+        for r, res in zip(self.requests, results):
+            r.on_success(res)
+
+    def failed(self, exc_info: Any) -> None:
+        """A one-request batch failed as a whole (its child died): Celery's own failure handling."""
+        (r,) = self.requests
+        r.on_failure(exc_info)
 
 
 class ConsumerView:

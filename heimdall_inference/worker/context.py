@@ -3,12 +3,14 @@
 * In the **main process** (built at ``worker_init``): the settings and the metrics exporter.
 * In each **pool child** (built at ``worker_process_init``, after fork): the settings, the warm
   :class:`~.service.Service` (ONNX session, feature plan, database pool, cache client) and the
-  child's metrics. Pools that do not fork (solo, threads) build it lazily on first use.
+  child's metrics. The solo pool sends that signal in the main process, whose context gains the
+  service; the threads pool sends nothing, and the service is built on first use.
 
 A context is replaced as a whole (:func:`install`): the new one is complete before any task sees
 it, and the old one is closed afterwards (what the new one shares with it, such as the metrics, is
-kept). A context belongs to the process that built it: a forked child drops the context it inherited
-without closing it (its connections and its exporter thread are the parent's).
+kept). A context belongs to the process that built it: at fork the child drops the context it
+inherited without closing it (its connections and its exporter thread are the parent's), and gets
+a fresh lock.
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ class ProcessContext:
 
     def with_(self, **changes: Any) -> "ProcessContext":
         """A new context for this process with ``changes`` (e.g. another service on a model swap)."""
-        return replace(self, pid=os.getpid(), **changes)
+        if self.pid != os.getpid():
+            raise RuntimeError("a context inherited from another process cannot be extended: build a new one")
+        return replace(self, **changes)
 
     def close(self, keep: "ProcessContext | None" = None) -> None:
         """Release what this context holds, except what ``keep`` shares; a no-op in another process."""
@@ -99,6 +103,15 @@ class _Holder:
 _holder = _Holder()
 
 
+def _after_fork_in_child() -> None:
+    """A forked child starts with no context and a lock no other thread can be holding."""
+    _holder.lock = threading.Lock()
+    _holder.context = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def current() -> ProcessContext | None:
     """This process' context, or None before one is installed (or one inherited from a parent)."""
     ctx = _holder.context
@@ -115,7 +128,7 @@ def install(ctx: ProcessContext | None) -> ProcessContext | None:
 
 
 def current_service() -> Service:
-    """This process' Service; built on first use where no fork signal built it (solo, threads)."""
+    """This process' Service; built on first use where no signal built it (the threads pool)."""
     ctx = current()
     if ctx is not None and ctx.service is not None:
         return ctx.service

@@ -1,14 +1,16 @@
 """The worker's per-process set-up and tear-down, as Celery signal handlers.
 
-* ``worker_init`` (main process, before the pool forks): declare ``heimdall.dead`` so that dead
-  letters have somewhere to go; with ``HEIMDALL_METRICS_PORT``, prepare prometheus-client's
-  multiprocess folder and start the exporter (``/metrics``, ``/healthz``); install the main
-  process' :class:`~.context.ProcessContext`.
-* ``worker_process_init`` (each child, after fork): install the child's context: the warm service
-  (the ONNX session is created here, never in the parent: sessions inherited across fork can
-  crash) and its metrics. Celery kills a child whose handler takes more than a few seconds, so this
-  only loads the model (~0.1 s), opens the database pool without waiting and connects the cache
-  lazily.
+* ``worker_init`` (main process, before the pool forks): nothing at all on an untested Celery
+  (the :class:`~.celery_internals.VersionGuard` bootstep stops the worker right after); else
+  declare ``heimdall.dead`` so that dead letters have somewhere to go; with
+  ``HEIMDALL_METRICS_PORT``, prepare prometheus-client's multiprocess folder and start the exporter
+  (``/metrics``, ``/healthz``); install the main process' :class:`~.context.ProcessContext`.
+* ``worker_process_init`` (each prefork child, after fork; the solo pool sends it in the main
+  process): the warm service (the ONNX session is created here, never in the parent: sessions
+  inherited across fork can crash) and its metrics, added to this process' context. Celery kills a
+  child whose handler takes more than a few seconds, so this only loads the model (~0.1 s), opens
+  the database pool without waiting and connects the cache lazily. The threads pool sends nothing:
+  its service is built on first use.
 * ``worker_process_shutdown`` / ``worker_shutdown``: close the context (database pool, cache
   client, exporter).
 
@@ -24,11 +26,13 @@ from typing import Any
 
 from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
 
+from ..errors import ConfigError
 from ..ops.exporter import MetricsExporter
 from ..ops.health import worker_health
 from ..ops.metrics import prepare_multiprocess_dir
 from ..settings import process_settings
-from .context import ProcessContext, build_child_context, install
+from .celery_internals import check_versions
+from .context import ProcessContext, build_child_context, current, install
 from .topology import dead_queue, is_amqp
 
 __all__: list[str] = []
@@ -36,33 +40,41 @@ __all__: list[str] = []
 log = logging.getLogger(__name__)
 
 
-@worker_init.connect
-def _declare_dead_letter_queue(sender: Any = None, **_: Any) -> None:
+def _declare_dead_letter_queue(worker: Any) -> None:
     """Declare heimdall.dead once per worker so that dead letters have somewhere to go."""
-    if sender is None or not is_amqp(str(sender.app.conf.broker_url)):
+    if not is_amqp(str(worker.app.conf.broker_url)):
         return
     try:
-        with sender.app.connection_for_write() as conn:
+        with worker.app.connection_for_write() as conn:
             dead_queue()(conn.default_channel).declare()
     except Exception:
         log.exception("could not declare heimdall.dead; dead letters would be dropped")
 
 
+def _start_exporter(worker: Any, port: int) -> MetricsExporter | None:
+    """The multiprocess folder (before the pool forks: children inherit the variable) and the exporter."""
+    try:
+        own_folder = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        folder = prepare_multiprocess_dir()
+        return MetricsExporter(port, health=lambda: worker_health(worker), multiprocess_dir=folder,
+                               remove_dir_on_stop=own_folder).start()
+    except Exception:  # no metrics is bad; no worker would be worse
+        log.exception("could not start the metrics exporter on port %d", port)
+        return None
+
+
 @worker_init.connect
 def _init_main(sender: Any = None, **_: Any) -> None:
-    """The main process' context; with HEIMDALL_METRICS_PORT, the multiprocess folder and the exporter."""
+    """The main process: dead-letter queue, metrics exporter, the process context."""
     if sender is None:
         return
+    try:
+        check_versions()
+    except ConfigError:
+        return  # the VersionGuard bootstep stops this worker next; leave nothing behind before it does
     settings = process_settings()
-    exporter = None
-    if settings.metrics_port > 0:
-        try:
-            own_folder = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-            folder = prepare_multiprocess_dir()  # before the pool forks: children inherit the variable
-            exporter = MetricsExporter(settings.metrics_port, health=lambda: worker_health(sender),
-                                       multiprocess_dir=folder, remove_dir_on_stop=own_folder).start()
-        except Exception:  # no metrics is bad; no worker would be worse
-            log.exception("could not start the metrics exporter on port %d", settings.metrics_port)
+    _declare_dead_letter_queue(sender)
+    exporter = _start_exporter(sender, settings.metrics_port) if settings.metrics_port > 0 else None
     install(ProcessContext(settings=settings, exporter=exporter))
 
 
@@ -73,11 +85,15 @@ def _close_main(**_: Any) -> None:
 
 @worker_process_init.connect
 def _init_child(**_: Any) -> None:
-    install(None)  # the parent's context, inherited by fork, is dropped without being closed
+    # A prefork child has no context of its own yet (the parent's was dropped at fork); under the
+    # solo pool this is the main process, whose context (and exporter) the service is added to.
+    base = current()
     try:
-        install(build_child_context(process_settings()))
+        built = build_child_context(base.settings if base else process_settings(), base.metrics if base else None)
     except Exception:  # leave it lazy: the first task reports the real error
-        log.exception("could not build the service in this child")
+        log.exception("could not build the service in this process")
+        return
+    install(base.with_(service=built.service, metrics=built.metrics) if base else built)
 
 
 @worker_process_shutdown.connect

@@ -95,3 +95,21 @@ def test_a_worker_exports_its_childrens_metrics_and_health(tmp_path, scenes_and_
         health = json.loads(body)
         assert code == 200 and health["status"] == "ok" and health["children"] == 2 and health["broker_connected"]
         assert store.count_fixes() == 7
+
+
+@pytest.mark.integration
+def test_a_solo_pool_worker_keeps_its_exporter_and_records_metrics(tmp_path, scenes_and_payloads):
+    """The solo pool builds its service in the main process, beside the exporter: both must live."""
+    from heimdall_inference.client import submit
+
+    from ..live import isolated_worker
+
+    port = _free_port()
+    with isolated_worker("solo", tmp_path / "w.log", pool="solo", metrics_port=port) as (_, store, _worker):
+        for d in scenes_and_payloads[1][:2]:
+            submit(copy.deepcopy(d)).get(timeout=60)
+        code, body = _get(f"http://127.0.0.1:{port}/healthz")
+        assert code == 200 and json.loads(body)["children"] == 1
+        code, text = _get(f"http://127.0.0.1:{port}/metrics")
+        assert code == 200 and _samples(text)[("heimdall_fixes_total", (("cached", "false"),))] == 2
+        assert store.count_fixes() == 2

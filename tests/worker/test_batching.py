@@ -85,6 +85,28 @@ def test_a_batch_that_dies_is_run_again_request_by_request():
     assert all(r.events == [("alone",)] for r in rest) and b.in_flight == 0
 
 
+def test_time_limits_reach_the_pool_and_a_soft_limit_reaches_every_request():
+    """billiard calls the timeout callback with keywords (soft=, timeout=); each request logs its soft limit,
+    and a hard limit is left to the error callback that follows it (the batch is then run request by request)."""
+    pool = FakePool()
+    b = PoolBatcher(pool, batch_max=4, slots=1)
+    reqs = [FakeRequest(f"r{i}") for i in range(3)]
+    reqs[0].time_limits = (None, 7.5)  # (hard, soft) from the message; the task's defaults fill the rest
+    reqs[0].task.time_limit = 30.0
+    for r in reqs:
+        b.submit(r)
+    job = pool.jobs[0]  # r0 alone (the only child was free)
+    assert (job["soft_timeout"], job["timeout"]) == (7.5, 30.0)
+    job["timeout_callback"](soft=True, timeout=7.5)
+    assert reqs[0].events == [("timeout", True)]
+    job["callback"](["fix"])
+    job = pool.jobs[1]  # r1 and r2, gathered meanwhile
+    assert len(job["items"]) == 2 and (job["soft_timeout"], job["timeout"]) == (None, None)
+    job["timeout_callback"](soft=True, timeout=20.0)
+    job["timeout_callback"](soft=False, timeout=30.0)
+    assert reqs[1].events == reqs[2].events == [("timeout", True)]
+
+
 def test_revoked_requests_are_not_sent():
     pool = FakePool()
     b = PoolBatcher(pool, batch_max=4, slots=1)

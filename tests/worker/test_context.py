@@ -4,30 +4,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from heimdall_inference.settings import Settings, process_settings, set_process_settings
-from heimdall_inference.worker import context
 from heimdall_inference.worker.context import ProcessContext, build_child_context, current, current_service, install
 
-
-class _Closable:
-    def __init__(self) -> None:
-        self.closed = 0
-
-    def close(self) -> None:
-        self.closed += 1
-
-    def stop(self) -> None:
-        self.closed += 1
-
-
-@pytest.fixture()
-def clean_context():
-    before = context._holder.context
-    context._holder.context = None
-    yield
-    context._holder.context = before
+from .conftest import Closable
 
 
 def test_a_child_context_holds_a_warm_service_from_the_settings(clean_context, payload):
@@ -42,10 +22,10 @@ def test_a_child_context_holds_a_warm_service_from_the_settings(clean_context, p
 
 def test_install_replaces_the_whole_context_and_closes_only_what_is_not_shared(clean_context):
     settings = Settings(database_url="memory://", cache_url="")
-    service, metrics, exporter = _Closable(), object(), _Closable()
+    service, metrics, exporter = Closable(), object(), Closable()
     first = ProcessContext(settings=settings, service=service, metrics=metrics, exporter=exporter)
     assert install(first) is None and current() is first
-    new_service = _Closable()
+    new_service = Closable()
     second = first.with_(service=new_service)  # a model swap: the metrics and the exporter carry over
     assert second.metrics is metrics and second.exporter is exporter
     assert install(second) is first and current() is second
@@ -55,7 +35,7 @@ def test_install_replaces_the_whole_context_and_closes_only_what_is_not_shared(c
 
 
 def test_a_forked_child_drops_the_parents_context_without_closing_it(clean_context):
-    service, exporter = _Closable(), _Closable()
+    service, exporter = Closable(), Closable()
     install(ProcessContext(settings=Settings(), service=service, exporter=exporter))
     pid = os.fork()
     if pid == 0:  # the child: what worker_process_init does first
@@ -85,3 +65,11 @@ def test_pools_that_do_not_fork_build_the_service_on_first_use(clean_context, pa
     finally:
         install(None)
         set_process_settings(before)
+
+
+def test_a_context_inherited_from_another_process_cannot_be_extended(clean_context):
+    ctx = ProcessContext(settings=Settings(), pid=os.getpid() + 1)
+    import pytest
+
+    with pytest.raises(RuntimeError, match="inherited"):
+        ctx.with_(service=None)

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
-
 SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "examples" / "publish_raw.py"
 
 
@@ -38,6 +36,7 @@ def _run(servers, payload: dict, tmp_path: Path) -> tuple[int, dict]:
     return res.returncode, json.loads(res.stdout)
 
 
+@pytest.mark.integration
 def test_a_raw_amqp_publish_gets_its_fix_from_the_prefixed_key_and_a_row(live, live_worker, payload, tmp_path):
     servers, store = live
     assert servers.settings.redis_key_prefix.startswith("heimdall-test-")  # a prefix other than the default
@@ -50,6 +49,7 @@ def test_a_raw_amqp_publish_gets_its_fix_from_the_prefixed_key_and_a_row(live, l
     assert stored is not None and stored["position"] == fix["position"]
 
 
+@pytest.mark.integration
 def test_a_raw_producer_gets_the_typed_error_for_invalid_input(live, live_worker, payload, tmp_path):
     servers, _ = live
     bad = {**copy.deepcopy(payload), "receivers": payload["receivers"][:2], "request_id": "foreign-producer-bad"}

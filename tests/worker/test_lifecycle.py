@@ -1,0 +1,65 @@
+"""The worker's signal handlers: main process set-up, a child's (or the solo pool's) service, shutdown."""
+
+from __future__ import annotations
+
+import os
+
+from heimdall_inference.errors import ConfigError
+from heimdall_inference.settings import Settings, process_settings, set_process_settings
+from heimdall_inference.worker import lifecycle
+from heimdall_inference.worker.context import ProcessContext, current, install
+
+from .conftest import Closable
+
+MEMORY = Settings(database_url="memory://", cache_url="")
+
+
+def test_the_solo_pool_adds_the_service_to_the_main_context_and_keeps_its_exporter(clean_context, payload):
+    """The solo pool sends worker_process_init in the main process: its exporter must survive."""
+    exporter = Closable()
+    main = ProcessContext(settings=MEMORY, exporter=exporter)
+    install(main)
+    lifecycle._init_child()
+    ctx = current()
+    assert ctx is not main and ctx.exporter is exporter and ctx.service is not None and exporter.closed == 0
+    assert ctx.service.predict(payload, task_id="solo")["task_id"] == "solo"
+    lifecycle._close_child()
+    assert exporter.closed == 1 and current() is None
+
+
+def test_a_forked_child_builds_its_own_context_without_the_parents_exporter(clean_context):
+    exporter = Closable()
+    install(ProcessContext(settings=MEMORY, exporter=exporter))
+    before = process_settings()
+    set_process_settings(MEMORY)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                lifecycle._init_child()
+                ctx = current()
+                if ctx is None or ctx.service is None:
+                    code = 1
+                elif ctx.exporter is not None or exporter.closed:
+                    code = 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert exporter.closed == 0
+    finally:
+        set_process_settings(before)
+        install(None)
+
+
+def test_worker_init_leaves_nothing_behind_on_an_untested_celery(clean_context, monkeypatch):
+    def refuse():
+        raise ConfigError("heimdall-inference uses internals of celery 9.9.9 (tested: 5.7.x)")
+
+    touched = []
+    monkeypatch.setattr(lifecycle, "check_versions", refuse)
+    monkeypatch.setattr(lifecycle, "_declare_dead_letter_queue", touched.append)
+    monkeypatch.setattr(lifecycle, "_start_exporter", lambda *a: touched.append(a))
+    lifecycle._init_main(sender=object())
+    assert touched == [] and current() is None

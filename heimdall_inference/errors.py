@@ -38,7 +38,7 @@ class HeimdallError(Exception):
 
 
 class PayloadCode:
-    """Stable machine-readable codes of :class:`PayloadError` (the payload contract, design.md §3)."""
+    """Stable machine-readable codes of :class:`PayloadError` (the payload contract, docs/architecture.md)."""
 
     DECODE_ERROR = "decode_error"  #: the bytes are not JSON/msgpack, or not an object
     PAYLOAD_TOO_LARGE = "payload_too_large"  #: over the configured byte cap
@@ -104,7 +104,7 @@ class ModelError(HeimdallError):
 
 
 class ModelLoadError(ModelError):
-    """The ONNX file, its inputs/outputs or its metadata break the model contract (design.md §5)."""
+    """The ONNX file, its inputs/outputs or its metadata break the model contract (docs/architecture.md)."""
 
 
 class InferenceError(ModelError):

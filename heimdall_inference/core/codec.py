@@ -7,7 +7,7 @@ training data goes through exactly the quantisation and gain removal a payload d
 * ``complex64``: little-endian interleaved float32 I, Q.
 
 A receiver's optional ``gain_db`` is the known digital gain applied before digitising; decoding
-divides it out, so decoded IQ is in full-scale units referred to the antenna (design.md §3).
+divides it out, so decoded IQ is in full-scale units referred to the antenna.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""IQ -> normalised log-mel power features, built from the model's metadata (design.md §5).
+"""IQ -> normalised log-mel power features, built from the model's metadata (the model contract).
 
 The plan is the model's feature contract made executable: STFT (``scipy.signal.stft``, two-sided,
 since IQ is complex), per-bin power scaled so that the bins of a frame sum to the frame's mean power,

@@ -1,4 +1,4 @@
-"""The ``heimdall.fix/v1`` result document (design.md §4)."""
+"""The ``heimdall.fix/v1`` result document (contract: docs/architecture.md)."""
 
 from __future__ import annotations
 

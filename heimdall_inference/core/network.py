@@ -96,6 +96,6 @@ class Network:
 
 
 def reference_network() -> Network:
-    """The reference deployment of design.md §2, read from the package data."""
+    """The reference deployment (seven WebSDR stations in north-west Italy), read from the package data."""
     text = resources.files("heimdall_inference.data").joinpath("reference_network.json").read_text()
     return Network.from_dict(json.loads(text))

@@ -1,4 +1,4 @@
-"""Decode and validate ``heimdall.iq/v1`` payloads (design.md §3).
+"""Decode and validate ``heimdall.iq/v1`` payloads (the payload contract in docs/architecture.md).
 
 Every rule breaks with a :class:`~heimdall_inference.errors.PayloadError` carrying a code from
 :class:`~heimdall_inference.errors.PayloadCode`, a message and the offending field; nothing else

@@ -59,7 +59,7 @@ class ModelSession:
             raise ModelLoadError(f"onnxruntime cannot load {path.name}: {exc}") from exc
         meta = self._session.get_modelmeta().custom_metadata_map
         if METADATA_KEY not in meta:
-            raise ModelLoadError(f"{path.name} has no '{METADATA_KEY}' metadata (design.md §5)")
+            raise ModelLoadError(f"{path.name} has no '{METADATA_KEY}' metadata (the heimdall.model/v1 contract)")
         self.spec = ModelSpec.from_json(meta[METADATA_KEY])
         self.providers: list[str] = self._session.get_providers()
         self._check_io()

@@ -1,4 +1,4 @@
-"""The model contract (design.md §5): what the ONNX file's ``metadata_props["heimdall"]`` declares.
+"""The model contract (docs/architecture.md): what the ONNX file's ``metadata_props["heimdall"]`` declares.
 
 One JSON document under the key ``heimdall`` holds everything preprocessing and post-processing
 need: the receiver network and its order, the tangent-plane origin, the signal (sample rate,

@@ -1,4 +1,4 @@
-"""Covariance -> confidence ellipses and a GeoJSON polygon (design.md §4).
+"""Covariance -> confidence ellipses and a GeoJSON polygon (the fix contract).
 
 For a 2-D Gaussian with covariance ``P`` the region ``d^T P^-1 d <= k^2`` holds probability
 ``p = chi2.cdf(k^2, 2)``, so the ellipse scale for confidence ``p`` is ``k = sqrt(chi2.ppf(p, 2))``

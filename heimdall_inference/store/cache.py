@@ -1,4 +1,4 @@
-"""Redis prediction cache (design.md §6): a fix keyed by model version + payload digest.
+"""Redis prediction cache: a fix keyed by model version + payload digest.
 
 The payload digest covers receiver ids, encodings, gains and IQ bytes; the model version is part
 of the key, so a new model never serves a stale fix. The cache is an optimisation: a Redis error

@@ -1,4 +1,4 @@
-"""Payload decode and validation: every rule of design.md §3, and properties over malformed input."""
+"""Payload decode and validation: every rule of the payload contract, and properties over malformed input."""
 
 from __future__ import annotations
 

@@ -173,12 +173,20 @@ class PoolBatcher:
 
 
 def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
-    """``heimdall.predict``'s execution strategy: Celery's default, batching on the prefork pool."""
+    """``heimdall.predict``'s execution strategy: Celery's default behind the message guard, batching
+    on the prefork pool."""
     from ..settings import process_settings
+    from .guard import ENVELOPE_BYTES, message_refusal
 
-    batch_max = process_settings().batch_max
-    if batch_max <= 1 or not internals.is_prefork_pool(consumer.pool):
-        return internals.default_strategy(task, app, consumer, **kwargs)
-    batcher = PoolBatcher(consumer.pool, batch_max)
-    log.info("heimdall.predict: micro-batches of up to %d over %d children", batch_max, batcher.slots)
-    return internals.default_strategy(task, app, internals.ConsumerView(consumer, batcher.submit), **kwargs)
+    settings = process_settings()
+    cap = settings.max_payload_bytes * 4 // 3 + ENVELOPE_BYTES  # base64 of the largest IQ, plus the envelope
+
+    def guard(handler: Any) -> Any:
+        return internals.guarded(handler, app=app, consumer=consumer,
+                                 refuse=lambda m: message_refusal(m, max_body_bytes=cap))
+
+    if settings.batch_max <= 1 or not internals.is_prefork_pool(consumer.pool):
+        return guard(internals.default_strategy(task, app, consumer, **kwargs))
+    batcher = PoolBatcher(consumer.pool, settings.batch_max)
+    log.info("heimdall.predict: micro-batches of up to %d over %d children", settings.batch_max, batcher.slots)
+    return guard(internals.default_strategy(task, app, internals.ConsumerView(consumer, batcher.submit), **kwargs))

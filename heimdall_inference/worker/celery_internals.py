@@ -2,6 +2,8 @@
 
 The service needs a few things those libraries do not offer as public API:
 
+* **the message guard** (:mod:`.guard`): the task message handler Celery's strategy returns,
+  wrapped, and the consumer's reject promise it is called with;
 * **micro-batching** (:mod:`.batching`): Celery's default execution strategy with another
   ``on_task_request``; a request's raw tracer arguments (``Request._type``, ``_request_dict``,
   ``_body``, ``_content_type``, ``_content_encoding``); the tracer itself (``fast_trace_task`` /
@@ -24,6 +26,7 @@ The package pins the same minors (``setup.cfg``); move both together after runni
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Mapping
@@ -43,8 +46,10 @@ from ..errors import ConfigError
 
 __all__ = ["TESTED_VERSIONS", "installed_versions", "check_versions", "VersionGuard",
            "default_strategy", "is_prefork_pool", "trace_args", "tracer", "apply_to_pool", "ConsumerView",
-           "BatchRequests", "is_revoked", "run_alone",
+           "BatchRequests", "is_revoked", "run_alone", "guarded",
            "RedisBackendWithWriteHook", "AtomicFilesystemChannel", "reset_producer_state"]
+
+log = logging.getLogger(__name__)
 
 TESTED_VERSIONS: Mapping[str, tuple[int, int]] = {"celery": (5, 7), "kombu": (5, 7), "billiard": (4, 3)}
 """Library -> the (major, minor) whose internals this module was written for and tested on."""
@@ -91,6 +96,34 @@ def default_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Calla
     from celery.worker.strategy import default
 
     return default(task, app, consumer, **kwargs)
+
+
+def guarded(handler: Callable[..., Any], *, app: Any, consumer: Any,
+            refuse: Callable[[Any], BaseException | None]) -> Callable[..., Any]:
+    """Celery's task message handler with ``refuse(message)`` first.
+
+    A refused message never becomes a Request (nothing recursive touches its body): its task gets a
+    FAILURE result with the error, and the message is rejected without requeue, which dead-letters
+    it on RabbitMQ. Anything else goes to ``handler`` untouched.
+    """
+    connection_errors = consumer.connection_errors
+
+    def task_message_handler(message: Any, body: Any, ack: Any, reject: Any, callbacks: Any, **kwargs: Any) -> Any:
+        error = refuse(message)
+        if error is None:
+            return handler(message, body, ack, reject, callbacks, **kwargs)
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        task_id, name = headers.get("id"), headers.get("task")
+        log.warning("refused %s[%s] before it reached a child: %s", name, task_id, error)
+        if isinstance(task_id, str) and task_id:
+            try:
+                app.backend.mark_as_failure(task_id, error)
+            except Exception:  # the refusal stands (dead letter) even when the result cannot be stored
+                log.exception("could not store the refusal of %s[%s]", name, task_id)
+        reject(log, connection_errors, False)
+        return None
+
+    return task_message_handler
 
 
 def is_prefork_pool(pool: Any) -> bool:

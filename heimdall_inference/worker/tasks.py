@@ -40,7 +40,10 @@ def predict(self, payload: Any) -> dict[str, Any]:
     return current_service().predict(payload, task_id=self.request.id, sent_at_s=sent_at_s(vars(self.request)))
 
 
-@app.task(name="heimdall.predict_chunk", bind=True, **_retry)
+_GUARDED = "heimdall_inference.worker.guard:guarded_strategy"
+
+
+@app.task(name="heimdall.predict_chunk", bind=True, Strategy=_GUARDED, **_retry)
 def predict_chunk(self, payloads: list[Any], offset: int = 0) -> dict[str, Any]:
     if not isinstance(payloads, list):
         raise PayloadError(PayloadCode.INVALID_FIELD, "a chunk is a list of payloads", "payloads")
@@ -62,7 +65,7 @@ def batch_signature(payloads: list[Any], chunk_size: int = 64, serializer: str =
     return chord(group(chunks), collect.s())
 
 
-@app.task(name="heimdall.predict_batch", bind=True, throws=(PayloadError,))
+@app.task(name="heimdall.predict_batch", bind=True, Strategy=_GUARDED, throws=(PayloadError,))
 def predict_batch(self, payloads: list[Any], chunk_size: int = 64) -> Any:
     if not isinstance(payloads, list) or not payloads:
         raise PayloadError(PayloadCode.INVALID_FIELD, "a batch is a non-empty list of payloads", "payloads")

@@ -53,6 +53,7 @@ class PayloadCode:
     UNSUPPORTED_DTYPE = "unsupported_dtype"  #: IQ dtype other than ci16 / complex64
     WRONG_LENGTH = "wrong_length"  #: byte count not a whole number of samples, or too few/many samples
     NON_FINITE = "non_finite"  #: NaN or Inf in complex64 IQ
+    OUT_OF_RANGE = "out_of_range"  #: samples beyond any level a receiver can hear (Limits.max_sample_magnitude)
     UNSUPPORTED_SAMPLE_RATE = "unsupported_sample_rate"  #: cannot be resampled to the model's rate
     UNSUPPORTED_FREQUENCY = "unsupported_frequency"  #: centre frequency outside the model's bands
     IQ_REF_UNAVAILABLE = "iq_ref_unavailable"  #: an iq_ref claim check could not be fetched

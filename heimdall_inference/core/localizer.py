@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import PayloadError
+from ..errors import InferenceError, PayloadError
 from .features import FeaturePlan
 from .payload import DecodedPayload, IqRefFetcher, Limits, PayloadDecoder
 from .fix import build_fixes
@@ -75,27 +75,46 @@ class Localizer:
                          features_ms=(t1 - t0) * 1e3, inference_ms=(t2 - t1) * 1e3)
 
     def fixes(self, decoded: Sequence[DecodedPayload], *, decode_ms: float = 0.0,
-              task_ids: list[str | None] | None = None, alias: str | None = None) -> list[dict[str, Any]]:
-        """Estimate and build the ``heimdall.fix/v1`` documents; timings are per fix (batch / B)."""
+              task_ids: list[str | None] | None = None,
+              alias: str | None = None) -> list[dict[str, Any] | InferenceError]:
+        """Estimate and build the ``heimdall.fix/v1`` documents; timings are per fix (batch / B).
+
+        A payload whose position or covariance comes out non-finite gets an :class:`InferenceError`
+        in its slot (a server fault, never a fix, never cached or stored); its neighbours are unaffected.
+        """
         if not decoded:
             return []
         est = self.estimate(decoded)
         b = len(decoded)
         timings = {"decode": round(decode_ms / b, 3), "features": round(est.features_ms / b, 3),
                    "inference": round(est.inference_ms / b, 3)}
-        return build_fixes(list(decoded), est.mean_enu, est.cov, self.spec, timings_ms=timings,
-                           task_ids=task_ids, alias=alias)
+        ok = np.isfinite(est.mean_enu).all(axis=1) & np.isfinite(est.cov).all(axis=(1, 2))
+        if ok.all():
+            return list(build_fixes(list(decoded), est.mean_enu, est.cov, self.spec, timings_ms=timings,
+                                    task_ids=task_ids, alias=alias))
+        keep = np.flatnonzero(ok)
+        out: list[dict[str, Any] | InferenceError] = [
+            InferenceError(f"the model gave a non-finite position or covariance for receivers "
+                           f"{list(decoded[i].receiver_ids)}") for i in range(b)]
+        built = build_fixes([decoded[i] for i in keep], est.mean_enu[keep], est.cov[keep], self.spec, timings_ms=timings,
+                            task_ids=[task_ids[i] for i in keep] if task_ids else None, alias=alias)
+        for i, fix in zip(keep, built):
+            out[i] = fix
+        return out
 
     def predict(self, raw: RawPayload, *, task_id: str | None = None) -> dict[str, Any]:
-        """One payload -> one fix; raises PayloadError for invalid input."""
+        """One payload -> one fix; raises PayloadError for invalid input, InferenceError for a non-finite output."""
         t0 = time.perf_counter()
         decoded = self.decode(raw)
-        return self.fixes([decoded], decode_ms=(time.perf_counter() - t0) * 1e3, task_ids=[task_id])[0]
+        fix = self.fixes([decoded], decode_ms=(time.perf_counter() - t0) * 1e3, task_ids=[task_id])[0]
+        if isinstance(fix, InferenceError):
+            raise fix
+        return fix
 
-    def predict_many(self, raws: Sequence[RawPayload]) -> list[dict[str, Any] | PayloadError]:
+    def predict_many(self, raws: Sequence[RawPayload]) -> list[dict[str, Any] | PayloadError | InferenceError]:
         """Many payloads through one feature pass and one session run; errors stay in their slot."""
         t0 = time.perf_counter()
-        results: list[dict[str, Any] | PayloadError] = []
+        results: list[dict[str, Any] | PayloadError | InferenceError] = []
         good: list[DecodedPayload] = []
         where: list[int] = []
         for i, raw in enumerate(raws):

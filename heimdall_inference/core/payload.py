@@ -19,6 +19,7 @@ import binascii
 import hashlib
 import io
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -40,6 +41,9 @@ IqRefFetcher = Callable[[str], bytes]
 """Fetches the ``.npy`` bytes behind an ``iq_ref`` claim check (e.g. ``s3://bucket/key.npy``)."""
 
 _MAX_ID_CHARS = 128
+_S3_URL = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00-\x1f]+$")
+"""An S3 URL the producer can fix if it is wrong: a valid bucket name and a printable key (a malformed
+one would otherwise reach boto3 and come back as a "store unreachable" retry)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +52,10 @@ class Limits:
 
     max_payload_bytes: int = 8 * 1024 * 1024  #: serialized payload (or sum of its IQ data)
     max_samples_per_receiver: int = 1 << 18  #: 262,144 samples (21.8 s at 12 kHz)
+    #: largest |I| or |Q| after the receiver's gain_db is removed, in full-scale units: 1e4 is +80 dB over
+    #: full scale (+70 dBm, 10 W, at the reference model's -10 dBm full scale), beyond any receiver input;
+    #: larger finite values would overflow the float32 features into NaN
+    max_sample_magnitude: float = 1e4
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,14 +110,12 @@ class PayloadDecoder:
 
         ``digest=False`` skips hashing the IQ (the cache key), for paths that never use the cache.
         """
+        # Only what the producer can fix is a PayloadError. Anything else raised here (a bug of ours, a soft
+        # time limit) is a server fault and propagates as itself: never recorded as the producer's mistake.
         try:
             return self._decode(raw, digest)
-        except (PayloadError, TransientError):  # an unreachable object store is retried, not rejected
-            raise
-        except (MemoryError, RecursionError) as exc:
-            raise PayloadError(C.PAYLOAD_TOO_LARGE, f"payload too large or too deep to decode ({type(exc).__name__})") from exc
-        except Exception as exc:  # a bug must still surface as a structured error, never a dead worker
-            raise PayloadError(C.INVALID_FIELD, f"payload could not be decoded: {type(exc).__name__}: {exc}") from exc
+        except MemoryError as exc:
+            raise PayloadError(C.PAYLOAD_TOO_LARGE, "payload too large to decode") from exc
 
     def _decode(self, raw: bytes | bytearray | memoryview | dict[str, Any], digest: bool = True) -> DecodedPayload:
         doc = self._parse(raw)
@@ -212,8 +218,12 @@ class PayloadDecoder:
 
     def _resample_ratio(self, rate: float) -> tuple[int, int]:
         target = self.spec.sample_rate_hz
-        ratio = Fraction(target / rate).limit_denominator(self.spec.max_resample_ratio)
-        ok = (ratio.numerator <= self.spec.max_resample_ratio and ratio.denominator <= self.spec.max_resample_ratio
+        most = self.spec.max_resample_ratio
+        # outside [target / most, target * most] no ratio can work; checked first, so that an extreme
+        # rate (a subnormal one makes target / rate infinite) never reaches Fraction
+        ratio = Fraction(target / rate).limit_denominator(most) if target / most * 0.999 <= rate <= target * most * 1.001 \
+            else Fraction(0)
+        ok = (0 < ratio.numerator <= most and ratio.denominator <= most
               and abs(float(ratio) * rate - target) <= 1e-6 * target)
         if not ok:
             raise PayloadError(C.UNSUPPORTED_SAMPLE_RATE,
@@ -283,7 +293,7 @@ class PayloadDecoder:
             if not isinstance(iq, dict):
                 raise PayloadError(C.INVALID_FIELD, "iq must be an object {dtype, data}", f"{where}.iq", receiver=rid)
             dtype = iq.get("dtype")
-            if dtype not in DTYPES:
+            if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or dict is not even hashable
                 raise PayloadError(C.UNSUPPORTED_DTYPE, f"IQ dtype {str(dtype)[:32]!r} is not one of "
                                    f"{sorted(DTYPES)}", f"{where}.iq.dtype", receiver=rid)
             data = iq.get("data")
@@ -326,11 +336,17 @@ class PayloadDecoder:
                                needed=need)
         if dtype == "complex64" and not np.isfinite(x.view(np.float32)).all():
             raise PayloadError(C.NON_FINITE, "IQ contains NaN or Inf", f"{where}.iq", receiver=rid)
+        peak = float(np.abs(x.view(np.float32)).max()) if x.size else 0.0
+        if peak > self.limits.max_sample_magnitude:
+            raise PayloadError(C.OUT_OF_RANGE, f"samples reach {peak:.3g} x full scale once gain_db is removed; "
+                               f"no receiver hears more than {self.limits.max_sample_magnitude:g} x full scale "
+                               "(check the dtype's scaling and gain_db)", f"{where}.iq", receiver=rid)
         return x, nbytes
 
     def _fetch_ref(self, ref: Any, where: str, rid: str) -> bytes:
-        if not isinstance(ref, str) or not ref.startswith("s3://") or len(ref) > 1024:
-            raise PayloadError(C.INVALID_FIELD, "iq_ref must be an s3:// URL", where, receiver=rid)
+        if not isinstance(ref, str) or len(ref) > 1024 or not _S3_URL.match(ref):
+            raise PayloadError(C.INVALID_FIELD, "iq_ref must be an s3://bucket/key URL (a valid bucket name "
+                               "and a key)", where, receiver=rid)
         if self.fetch_iq_ref is None:
             raise PayloadError(C.IQ_REF_UNAVAILABLE, "this worker has no object store configured for iq_ref",
                                where, receiver=rid)

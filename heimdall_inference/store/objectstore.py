@@ -25,7 +25,7 @@ class S3Fetcher:
         self.max_bytes = max_bytes
 
     def __call__(self, url: str) -> bytes:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 
         parsed = urlparse(url)
         bucket, key = parsed.netloc, parsed.path.lstrip("/")
@@ -39,5 +39,7 @@ class S3Fetcher:
             if code in ("404", "NoSuchKey", "NoSuchBucket", "403", "AccessDenied"):
                 raise PayloadError(PayloadCode.IQ_REF_UNAVAILABLE, f"{url}: {code}") from exc
             raise TransientError(f"object store error for {url}: {code}") from exc
+        except ParamValidationError as exc:  # a request boto3 refuses to send: the URL is the producer's to fix
+            raise PayloadError(PayloadCode.INVALID_FIELD, f"{url}: {exc}"[:300]) from exc
         except BotoCoreError as exc:
             raise TransientError(f"object store unreachable for {url}: {exc}") from exc

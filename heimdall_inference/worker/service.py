@@ -1,8 +1,10 @@
 """What a worker process does with a payload, without Celery: decode, cache, locate, store.
 
 Tasks are thin wrappers over :class:`Service`. Invalid input raises :class:`PayloadError` after
-being recorded in the ``rejections`` table; store failures surface as :class:`TransientError`
-(retry with backoff) or :class:`StorageError`; the cache never fails a request.
+being recorded in the ``rejections`` table; an unreachable database is a :class:`TransientError`
+(retry with backoff); a row the database refuses is a :class:`StorageError` for that request alone,
+and a non-finite model output an :class:`InferenceError` for that request alone (never cached or
+stored); the cache never fails a request.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from ..store.cache import FixCache
 from ..ops.metrics import ServiceMetrics
-from ..errors import PayloadError, TransientError
+from ..errors import HeimdallError, PayloadError, StorageError, TransientError
 from ..core.payload import DecodedPayload
 from ..core.localizer import Localizer, RawPayload
 from ..store import Store, fix_row, rejection_row
@@ -75,20 +77,23 @@ class Service:
             raise out
         return out
 
-    def predict_requests(self, requests: Sequence[Request]) -> list[dict[str, Any] | PayloadError]:
+    def predict_requests(self, requests: Sequence[Request]) -> list[dict[str, Any] | Exception]:
         """Single-task requests in one pass: one feature pass, one session run, one transaction.
 
-        Each slot gets its fix or its PayloadError (recorded). A store failure raises for all of
-        them (TransientError: the tasks retry; nothing was acknowledged).
+        Each slot gets what it would get alone: its fix, its PayloadError (recorded), its
+        InferenceError (non-finite output), its StorageError (its row refused), its TransientError (an
+        iq_ref store down: that task retries) or the exception of a server fault (logged). An
+        unreachable database raises TransientError for all of them (the tasks retry; nothing was
+        acknowledged).
         """
         t0 = time.time()
-        out: list[dict[str, Any] | PayloadError | None] = [None] * len(requests)
+        out: list[dict[str, Any] | Exception | None] = [None] * len(requests)
         decoded: list[tuple[int, DecodedPayload]] = []
         for i, r in enumerate(requests):
             try:
                 decoded.append((i, self._decode_or_record(r.payload, r.task_id, digest=self.cache is not None)))
-            except PayloadError as exc:
-                out[i] = exc
+            except Exception as exc:  # PayloadError (recorded), TransientError (an iq_ref store down), or a bug
+                out[i] = self._own_failure(exc, r.task_id)
         decode_ms = (time.time() - t0) * 1e3 / max(1, len(requests))
         misses: list[tuple[int, DecodedPayload]] = []
         for (i, d), hit in zip(decoded, self._cached([d for _, d in decoded], [requests[i].task_id for i, _ in decoded])):
@@ -98,25 +103,54 @@ class Service:
                 hit["timings_ms"]["decode"] = round(decode_ms, 3)
                 out[i] = hit
         if misses:
-            fixes = self.localizer.fixes([d for _, d in misses], decode_ms=decode_ms * len(misses),
-                                         task_ids=[requests[i].task_id for i, _ in misses], alias=self.alias)
-            for (i, _), fix in zip(misses, fixes):
+            for (i, _), fix in zip(misses, self._locate([d for _, d in misses], decode_ms * len(misses),
+                                                        [requests[i].task_id for i, _ in misses])):
                 out[i] = fix
-            self._cache_put([(d, fix) for (_, d), fix in zip(misses, fixes)])
-        good = [f for f in out if isinstance(f, dict)]
         for r, f in zip(requests, out):
             if isinstance(f, dict):
                 f["batch_size"] = len(requests)  # handled in one pass with this many requests
                 if r.sent_at_s is not None:
                     f["timings_ms"]["queue"] = round(max(0.0, t0 - r.sent_at_s) * 1e3, 3)
-        if good:
-            self._store(good)
+        slots = [i for i, f in enumerate(out) if isinstance(f, dict)]
+        if slots:
+            for i, failure in zip(slots, self._store([out[i] for i in slots])):  # type: ignore[misc]
+                if failure is not None:
+                    out[i] = failure
+        if misses:  # only what was stored is cached: a refused fix is not served again from the cache
+            self._cache_put([(d, out[i]) for i, d in misses if isinstance(out[i], dict)])  # type: ignore[misc]
+        good = [f for f in out if isinstance(f, dict)]
         self.counters.fixes += len(good)
         self.counters.batches += 1
         if self.metrics is not None:
             self.metrics.batch.observe(len(requests))
             self.metrics.fixes_done(good)
         return out  # type: ignore[return-value]
+
+    def _locate(self, decoded: list[DecodedPayload], decode_ms: float,
+                task_ids: list[str | None]) -> list[dict[str, Any] | Exception]:
+        """The batch's fixes in one pass; if the pass fails as a whole, each payload again alone, so that
+        a payload that breaks the model fails by itself."""
+        try:
+            return list(self.localizer.fixes(decoded, decode_ms=decode_ms, task_ids=task_ids, alias=self.alias))
+        except Exception as exc:
+            if len(decoded) == 1:
+                return [self._own_failure(exc, task_ids[0])]
+            log.warning("locating a batch of %d failed (%r); locating each alone", len(decoded), exc)
+        out: list[dict[str, Any] | Exception] = []
+        for d, task_id in zip(decoded, task_ids):
+            try:
+                out.append(self.localizer.fixes([d], decode_ms=decode_ms / len(decoded), task_ids=[task_id],
+                                                alias=self.alias)[0])
+            except Exception as exc:
+                out.append(self._own_failure(exc, task_id))
+        return out
+
+    @staticmethod
+    def _own_failure(exc: Exception, task_id: str | None) -> Exception:
+        """One request's failure, kept in its slot; a server fault is logged with its traceback."""
+        if not isinstance(exc, HeimdallError):
+            log.error("request %s failed on a server fault", task_id, exc_info=exc)
+        return exc
 
     def _decode_or_record(self, payload: RawPayload, task_id: str | None, *, digest: bool = True) -> DecodedPayload:
         try:
@@ -169,20 +203,44 @@ class Service:
         if self.cache is not None:
             self.cache.put_many(self.model_version, [(d.digest, fix) for d, fix in computed if d.options.cache])
 
-    def _store(self, fixes: list[dict[str, Any]]) -> None:
+    def _store(self, fixes: list[dict[str, Any]]) -> list[StorageError | None]:
+        """Store the fixes in one transaction; each slot's StorageError if the database refused its row.
+
+        A refused batch is written again row by row (idempotent), so one bad row fails alone. An
+        unreachable database raises TransientError for all of them.
+        """
         t0 = time.perf_counter()
         rows = [fix_row(f) for f in fixes]
+        failures: list[StorageError | None] = [None] * len(rows)
         try:
-            new = self.store.write_fixes(rows)
+            try:
+                new = self.store.write_fixes(rows)
+            except StorageError as exc:
+                if len(rows) == 1:
+                    failures, new = [exc], 0
+                else:
+                    log.warning("the database refused a batch of %d fixes (%s); writing them one by one", len(rows), exc)
+                    new = 0
+                    for k, row in enumerate(rows):
+                        try:
+                            new += self.store.write_fixes([row])
+                        except StorageError as row_exc:
+                            failures[k] = row_exc
         except TransientError:
             if self.metrics is not None:
                 self.metrics.store_errors.inc()
             raise
+        for failure, row in zip(failures, rows):
+            if failure is not None:
+                log.error("the database refused the fix of %s: %s", row["fix_key"], failure)
+        stored = len(rows) - sum(f is not None for f in failures)
         self.counters.stored_new += new
-        self.counters.stored_duplicate += len(rows) - new
+        self.counters.stored_duplicate += stored - new
         ms = (time.perf_counter() - t0) * 1e3 / max(1, len(fixes))
-        for f in fixes:
-            f["timings_ms"]["store"] = round(ms, 3)
+        for f, failure in zip(fixes, failures):
+            if failure is None:
+                f["timings_ms"]["store"] = round(ms, 3)
+        return failures
 
     # -- chunks ---------------------------------------------------------------------------------
     def predict_chunk(self, payloads: Sequence[RawPayload], *, task_id: str | None,
@@ -195,18 +253,33 @@ class Service:
         t0 = time.perf_counter()
         decoded: list[DecodedPayload] = []
         keys: list[str | None] = []
+        where: list[int] = []  #: index in the chunk of each decoded payload
         errors: list[dict[str, Any]] = []
         for i, p in enumerate(payloads):
             try:
                 decoded.append(self._decode_or_record(p, task_id, digest=False))  # chunks skip the cache
                 keys.append(f"{task_id}:{offset + i}" if task_id else None)
+                where.append(i)
             except PayloadError as exc:
                 errors.append({"index": offset + i, **exc.to_dict()})
+            except TransientError:
+                raise  # an iq_ref store down: the chunk task retries (idempotent keys)
+            except Exception as exc:  # a server fault on this payload: its own error entry
+                self._own_failure(exc, f"{task_id}:{offset + i}")
+                errors.append({"index": offset + i, "code": "internal_error", "error": type(exc).__name__,
+                               "message": str(exc)[:300]})
         t1 = time.perf_counter()
-        fixes = self.localizer.fixes(decoded, decode_ms=(t1 - t0) * 1e3, task_ids=keys, alias=self.alias)
+        outcomes = self._locate(decoded, (t1 - t0) * 1e3, keys)
         t2 = time.perf_counter()
-        if fixes:
-            self._store(fixes)
+        computed = [(i, o) for i, o in zip(where, outcomes) if isinstance(o, dict)]
+        failed: list[tuple[int, Exception]] = [(i, o) for i, o in zip(where, outcomes) if not isinstance(o, dict)]
+        failures = self._store([f for _, f in computed]) if computed else []
+        failed += [(i, e) for (i, _), e in zip(computed, failures) if e is not None]
+        fixes = [f for (_, f), e in zip(computed, failures) if e is None]
+        for i, exc in failed:  # server faults of single payloads: not the producer's, not the neighbours'
+            errors.append({"index": offset + i, "code": "internal_error", "error": type(exc).__name__,
+                           "message": str(exc)[:300]})
+        errors.sort(key=lambda e: e["index"])
         t3 = time.perf_counter()
         self.counters.fixes += len(fixes)
         if self.metrics is not None:

@@ -169,6 +169,13 @@ CASES = [
      "receivers[0].iq.data"),
     ("NaN", lambda p: _rx(p, 0, lambda r: r["iq"].update(dtype="complex64", data=_nan_b64(2400))), C.NON_FINITE,
      "receivers[0].iq"),
+    ("finite but beyond any receiver (it gave NaN fixes)", lambda p: _rx(p, 0, lambda r: r["iq"].update(
+        dtype="complex64", data=_const_b64(2400, 1e20))), C.OUT_OF_RANGE, "receivers[0].iq"),
+    ("a gain_db that makes ci16 samples impossible", lambda p: _rx(p, 0, lambda r: (r["iq"].update(
+        dtype="ci16", data=base64.b64encode(np.full(4800, 32767, "<i2").tobytes()).decode()),
+        r.update(gain_db=-100.0))), C.OUT_OF_RANGE, "receivers[0].iq"),
+    ("dtype is a list (unhashable: it raised TypeError)", lambda p: _rx(p, 0, lambda r: r["iq"].update(dtype=[])),
+     C.UNSUPPORTED_DTYPE, "receivers[0].iq.dtype"),
     ("bad gain", lambda p: _rx(p, 0, lambda r: r.update(gain_db="high")), C.INVALID_FIELD, "receivers[0].gain_db"),
     ("infinite gain", lambda p: _rx(p, 0, lambda r: r.update(gain_db=float("inf"))), C.INVALID_FIELD,
      "receivers[0].gain_db"),
@@ -176,6 +183,10 @@ CASES = [
      C.IQ_REF_UNAVAILABLE, "receivers[0].iq_ref"),
     ("iq_ref not s3", lambda p: _rx(p, 0, lambda r: (r.pop("iq"), r.update(iq_ref="/etc/passwd"))),
      C.INVALID_FIELD, "receivers[0].iq_ref"),
+    ("iq_ref without a bucket (it was retried for half an hour)", lambda p: _rx(
+        p, 0, lambda r: (r.pop("iq"), r.update(iq_ref="s3:///x.npy"))), C.INVALID_FIELD, "receivers[0].iq_ref"),
+    ("iq_ref with an invalid bucket name", lambda p: _rx(
+        p, 0, lambda r: (r.pop("iq"), r.update(iq_ref="s3://Bad_Bucket!/x.npy"))), C.INVALID_FIELD, "receivers[0].iq_ref"),
 ]
 
 
@@ -186,6 +197,10 @@ def _rx(p: dict, i: int, change) -> dict:
         p["receivers"].append(copy.deepcopy(p["receivers"][0]))
     change(p["receivers"][i])
     return p
+
+
+def _const_b64(samples: int, value: float) -> str:
+    return base64.b64encode(np.full(2 * samples, value, "<f4").tobytes()).decode()
 
 
 def _nan_b64(samples: int) -> str:
@@ -315,3 +330,10 @@ def test_digest_can_be_skipped_for_paths_without_cache(decoder, payload):
     without = decoder.decode(payload, digest=False)
     assert without.digest == "" and len(with_key.digest) == 32
     np.testing.assert_array_equal(without.iq, with_key.iq)
+
+
+@pytest.mark.parametrize("rate", [2.225073858507e-311, 5e-324, 1e-300, 1.7e308, 12_000.0 * 9, 12_000.0 / 9])
+def test_extreme_sample_rates_are_unsupported_not_a_crash(decoder, payload, rate):
+    """Found by the fuzz once the decoder stopped turning every exception into invalid_field: a subnormal
+    rate made the resampling ratio infinite (OverflowError)."""
+    assert _code(decoder, {**payload, "sample_rate_hz": rate}).code == C.UNSUPPORTED_SAMPLE_RATE

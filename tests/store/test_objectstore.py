@@ -70,3 +70,14 @@ def test_unreachable_store_is_transient_and_not_a_rejection(spec, payload):
     by_ref["receivers"][0] = {"id": by_ref["receivers"][0]["id"], "iq_ref": "s3://heimdall-raw-iq/x.npy"}
     with pytest.raises(TransientError):  # the task retries with backoff instead of rejecting the payload
         PayloadDecoder(spec, fetch_iq_ref=fetch).decode(by_ref)
+
+
+def test_a_url_boto3_refuses_to_send_is_the_producers_error_not_a_retry(monkeypatch):
+    """Before anything goes on the wire: an invalid bucket name was a BotoCoreError, hence a "transient"
+    fault retried for half an hour."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    fetch = S3Fetcher("http://127.0.0.1:1")  # nothing listens there: the refusal happens before connecting
+    with pytest.raises(PayloadError) as err:
+        fetch("s3://Bad_Bucket!/x.npy")
+    assert err.value.code == "invalid_field" and "Invalid bucket name" in err.value.message

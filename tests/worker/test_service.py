@@ -91,3 +91,126 @@ def test_model_info_and_cache_key(service, spec, localizer):
     assert info["alias"] == "production" and info["version"] == spec.version
     # the cache key names the model file, not only its version string
     assert service.model_version == f"{spec.version}-{localizer.session.sha256[:12]}"
+
+
+class _RefusingStore(MemoryStore):
+    """Refuses any transaction holding a row whose key is in ``refuse`` (as a CHECK constraint would)."""
+
+    def __init__(self, refuse: set[str]) -> None:
+        super().__init__()
+        self.refuse = refuse
+        self.transactions = 0
+
+    def write_fixes(self, rows):
+        self.transactions += 1
+        if any(r["fix_key"] in self.refuse for r in rows):
+            raise StorageError("new row violates check constraint")
+        return super().write_fixes(rows)
+
+
+class _FakeCache:
+    def __init__(self) -> None:
+        self.puts: list[str] = []
+
+    def get_many(self, model_version, digests):
+        return [None] * len(digests)
+
+    def put_many(self, model_version, items):
+        self.puts += [digest for digest, _ in items]
+
+    def close(self):
+        pass
+
+
+def _requests(docs, prefix="r"):
+    from heimdall_inference.worker.service import Request
+
+    return [Request({**copy.deepcopy(d), "request_id": f"{prefix}{i}"}, f"task-{prefix}{i}") for i, d in enumerate(docs)]
+
+
+def test_a_row_the_database_refuses_fails_alone_in_its_micro_batch(localizer, scenes_and_payloads):
+    store = _RefusingStore({"r2"})
+    cache = _FakeCache()
+    svc = Service(localizer, store, cache)
+    out = svc.predict_requests(_requests(scenes_and_payloads[1][:6]))
+    assert isinstance(out[2], StorageError)
+    assert [o["request_id"] for i, o in enumerate(out) if i != 2] == ["r0", "r1", "r3", "r4", "r5"]
+    assert sorted(k for k, _ in store.fixes) == ["r0", "r1", "r3", "r4", "r5"]
+    assert len(cache.puts) == 5  # the refused fix is not cached either
+    assert store.transactions == 1 + 6  # the batch, then each row alone (idempotent)
+    with pytest.raises(StorageError):
+        svc.predict({**copy.deepcopy(scenes_and_payloads[1][0]), "request_id": "r2"}, task_id="alone")
+
+
+def test_a_non_finite_model_output_fails_its_request_alone_and_is_never_stored_or_cached(
+        localizer, scenes_and_payloads, monkeypatch):
+    import numpy as np
+
+    from heimdall_inference.errors import InferenceError
+
+    real_run = localizer.session.run
+
+    def run(features, mask):  # the model's answer for the second payload of each batch is NaN
+        mean, cov = real_run(features, mask)
+        mean = mean.copy()
+        if len(mean) > 1:
+            mean[1] = np.nan
+        return mean, cov
+
+    monkeypatch.setattr(localizer.session, "run", run)
+    store, cache = MemoryStore(), _FakeCache()
+    svc = Service(localizer, store, cache)
+    out = svc.predict_requests(_requests(scenes_and_payloads[1][:4]))
+    assert isinstance(out[1], InferenceError) and "non-finite" in str(out[1])
+    assert all(isinstance(out[i], dict) for i in (0, 2, 3))
+    assert sorted(k for k, _ in store.fixes) == ["r0", "r2", "r3"] and len(cache.puts) == 3
+    summary = svc.predict_chunk([copy.deepcopy(d) for d in scenes_and_payloads[1][4:8]], task_id="c", offset=10)
+    assert summary["fixes"] == 3 and [(e["index"], e["code"], e["error"]) for e in summary["errors"]] == [
+        (11, "internal_error", "InferenceError")]
+
+
+def test_a_chunk_row_the_database_refuses_is_that_payloads_error(localizer, scenes_and_payloads):
+    docs = [copy.deepcopy(d) for d in scenes_and_payloads[1][:5]]
+    for i, d in enumerate(docs):
+        d["request_id"] = f"k{i}"
+    svc = Service(localizer, _RefusingStore({"k3"}))
+    summary = svc.predict_chunk(docs, task_id="c", offset=0)
+    assert summary["fixes"] == 4 and [(e["index"], e["error"]) for e in summary["errors"]] == [(3, "StorageError")]
+
+
+def test_a_fault_decoding_one_request_is_that_requests_alone(localizer, scenes_and_payloads, monkeypatch):
+    """A bug of ours (or an unreachable iq_ref store) on one payload used to escape the batch and fail
+    every request in it; now it stays in its slot, and only a PayloadError is recorded as a rejection."""
+    real_decode = localizer.decode
+
+    def decode(raw, *, digest=True):
+        if raw.get("request_id") == "r1":
+            raise RuntimeError("a bug in the decoder")
+        if raw.get("request_id") == "r3":
+            raise TransientError("object store unreachable")
+        return real_decode(raw, digest=digest)
+
+    monkeypatch.setattr(localizer, "decode", decode)
+    store = MemoryStore()
+    out = Service(localizer, store).predict_requests(_requests(scenes_and_payloads[1][:5]))
+    assert isinstance(out[1], RuntimeError) and isinstance(out[3], TransientError)
+    assert [o["request_id"] for o in (out[0], out[2], out[4])] == ["r0", "r2", "r4"]
+    assert store.count_rejections() == 0 and store.count_fixes() == 3
+    docs = [{**copy.deepcopy(d), "request_id": f"r{i}"} for i, d in enumerate(scenes_and_payloads[1][:3])]
+    summary = Service(localizer, MemoryStore()).predict_chunk(docs[:3], task_id="c")
+    assert summary["fixes"] == 2 and [(e["index"], e["error"]) for e in summary["errors"]] == [(1, "RuntimeError")]
+
+
+def test_a_model_failure_on_the_batch_is_retried_payload_by_payload(localizer, scenes_and_payloads, monkeypatch):
+    from heimdall_inference.errors import InferenceError
+
+    real_fixes = localizer.fixes
+
+    def fixes(decoded, **kw):  # onnxruntime fails on any batch that holds the payload r2
+        if any(d.request_id == "r2" for d in decoded):
+            raise InferenceError("onnxruntime failed on a batch")
+        return real_fixes(decoded, **kw)
+
+    monkeypatch.setattr(localizer, "fixes", fixes)
+    out = Service(localizer, MemoryStore()).predict_requests(_requests(scenes_and_payloads[1][:4]))
+    assert isinstance(out[2], InferenceError) and all(isinstance(out[i], dict) for i in (0, 1, 3))

@@ -334,9 +334,10 @@ class PayloadDecoder:
             raise PayloadError(C.WRONG_LENGTH, f"{x.shape[0]} samples; the model needs at least {need} at "
                                "this sample rate", f"{where}.iq", receiver=rid, samples=int(x.shape[0]),
                                needed=need)
-        if dtype == "complex64" and not np.isfinite(x.view(np.float32)).all():
-            raise PayloadError(C.NON_FINITE, "IQ contains NaN or Inf", f"{where}.iq", receiver=rid)
+        # one pass answers both checks: the largest |I| or |Q| is NaN or Inf exactly when a sample is
         peak = float(np.abs(x.view(np.float32)).max()) if x.size else 0.0
+        if not math.isfinite(peak):
+            raise PayloadError(C.NON_FINITE, "IQ contains NaN or Inf", f"{where}.iq", receiver=rid)
         if peak > self.limits.max_sample_magnitude:
             raise PayloadError(C.OUT_OF_RANGE, f"samples reach {peak:.3g} x full scale once gain_db is removed; "
                                f"no receiver hears more than {self.limits.max_sample_magnitude:g} x full scale "

@@ -176,17 +176,14 @@ def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     """``heimdall.predict``'s execution strategy: Celery's default behind the message guard, batching
     on the prefork pool."""
     from ..settings import process_settings
-    from .guard import ENVELOPE_BYTES, message_refusal
+    from .guard import ENVELOPE_BYTES, guard
 
     settings = process_settings()
     cap = settings.max_payload_bytes * 4 // 3 + ENVELOPE_BYTES  # base64 of the largest IQ, plus the envelope
-
-    def guard(handler: Any) -> Any:
-        return internals.guarded(handler, app=app, consumer=consumer,
-                                 refuse=lambda m: message_refusal(m, max_body_bytes=cap))
-
-    if settings.batch_max <= 1 or not internals.is_prefork_pool(consumer.pool):
-        return guard(internals.default_strategy(task, app, consumer, **kwargs))
-    batcher = PoolBatcher(consumer.pool, settings.batch_max)
-    log.info("heimdall.predict: micro-batches of up to %d over %d children", settings.batch_max, batcher.slots)
-    return guard(internals.default_strategy(task, app, internals.ConsumerView(consumer, batcher.submit), **kwargs))
+    view = consumer
+    if settings.batch_max > 1 and internals.is_prefork_pool(consumer.pool):
+        batcher = PoolBatcher(consumer.pool, settings.batch_max)
+        log.info("heimdall.predict: micro-batches of up to %d over %d children", settings.batch_max, batcher.slots)
+        view = internals.ConsumerView(consumer, batcher.submit)
+    return guard(internals.default_strategy(task, app, view, **kwargs), app=app, consumer=consumer,
+                 max_body_bytes=cap)

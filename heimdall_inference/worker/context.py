@@ -133,7 +133,7 @@ def current_service() -> Service:
     if ctx is not None and ctx.service is not None:
         return ctx.service
     with _holder.lock:
-        ctx = _holder.context if _holder.context is not None and _holder.context.pid == os.getpid() else None
+        ctx = current()
         if ctx is None or ctx.service is None:
             base = ctx or ProcessContext(settings=process_settings())
             built = build_child_context(base.settings, base.metrics)

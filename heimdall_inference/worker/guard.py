@@ -24,7 +24,7 @@ from kombu.exceptions import DecodeError
 from ..errors import PayloadCode, PayloadError
 
 __all__ = ["MAX_DEPTH", "MAX_ITEMS", "ENVELOPE_BYTES", "shape_problem", "refusal", "message_refusal",
-           "guarded_strategy"]
+           "guard", "guarded_strategy"]
 
 MAX_DEPTH = 16
 """Deepest nesting of lists/dicts in a task body. A predict body is 6 deep (body, args, payload,
@@ -91,10 +91,17 @@ def message_refusal(message: Any, *, max_body_bytes: int | None) -> PayloadError
     return refusal(message.body, lambda: message.payload, max_body_bytes=max_body_bytes)
 
 
+def guard(handler: Any, *, app: Any, consumer: Any, max_body_bytes: int | None) -> Any:
+    """A strategy's task message handler behind the message guard."""
+    from . import celery_internals as internals
+
+    return internals.guarded(handler, app=app, consumer=consumer,
+                             refuse=lambda m: message_refusal(m, max_body_bytes=max_body_bytes))
+
+
 def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
     """Celery's default strategy behind the message guard (tasks that carry lists of payloads)."""
     from . import celery_internals as internals
 
-    handler = internals.default_strategy(task, app, consumer, **kwargs)
-    return internals.guarded(handler, app=app, consumer=consumer,
-                             refuse=lambda m: message_refusal(m, max_body_bytes=None))
+    return guard(internals.default_strategy(task, app, consumer, **kwargs), app=app, consumer=consumer,
+                 max_body_bytes=None)

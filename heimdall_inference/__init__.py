@@ -23,6 +23,7 @@ from .core.payload import DecodedPayload, Limits, PayloadDecoder
 from .core.session import ModelSession, SessionOptions, default_model_path
 from .core.spec import ModelSpec
 from .errors import (
+    BrokerUnavailable,
     ConfigError,
     HeimdallError,
     InferenceError,
@@ -30,6 +31,7 @@ from .errors import (
     ModelLoadError,
     PayloadCode,
     PayloadError,
+    ResultUnavailable,
     StorageError,
     TransientError,
 )
@@ -60,6 +62,8 @@ __all__ = [
     "InferenceError",
     "StorageError",
     "TransientError",
+    "BrokerUnavailable",
+    "ResultUnavailable",
     "ConfigError",
     "__version__",
 ]

@@ -9,6 +9,8 @@
     │   └── InferenceError      onnxruntime failed while running the session
     ├── StorageError            a store refused a write or read for good
     ├── TransientError          marker: a retry may succeed (broker, database, cache blips)
+    │   ├── BrokerUnavailable   a producer could not publish, even after its retries
+    │   └── ResultUnavailable   the task was published, its result cannot be read now (Redis down)
     └── ConfigError             settings or installed versions the service cannot run with (also a ValueError)
 
 Third-party exceptions (onnxruntime, json, msgpack, binascii, ...) are translated where they are
@@ -28,6 +30,8 @@ __all__ = [
     "InferenceError",
     "StorageError",
     "TransientError",
+    "BrokerUnavailable",
+    "ResultUnavailable",
     "ConfigError",
     "PayloadCode",
 ]
@@ -57,6 +61,7 @@ class PayloadCode:
     UNSUPPORTED_SAMPLE_RATE = "unsupported_sample_rate"  #: cannot be resampled to the model's rate
     UNSUPPORTED_FREQUENCY = "unsupported_frequency"  #: centre frequency outside the model's bands
     IQ_REF_UNAVAILABLE = "iq_ref_unavailable"  #: an iq_ref claim check could not be fetched
+    CONFLICT = "conflict"  #: a request_id already stored for the same capture time with other IQ
 
 
 class PayloadError(HeimdallError):
@@ -118,6 +123,15 @@ class StorageError(HeimdallError):
 
 class TransientError(HeimdallError):
     """Marker for failures a retry may cure (connection refused, timeouts)."""
+
+
+class BrokerUnavailable(TransientError):
+    """A producer could not hand a task to the broker, even after retrying for a while: nothing was sent."""
+
+
+class ResultUnavailable(TransientError):
+    """The task was published (its fix still reaches the database), but its result cannot be read:
+    the result backend (Redis) does not answer. Ask again later, or read the fix from the database."""
 
 
 class ConfigError(HeimdallError, ValueError):

@@ -10,17 +10,18 @@ Each module translates its library's exceptions (psycopg, sqlite3, redis, botoco
 
 from __future__ import annotations
 
-from .base import MemoryStore, Store, fix_row, rejection_row
+from .base import FixWrites, MemoryStore, Store, fix_row, rejection_row
 
-__all__ = ["Store", "MemoryStore", "fix_row", "rejection_row", "open_store"]
+__all__ = ["Store", "MemoryStore", "FixWrites", "fix_row", "rejection_row", "open_store"]
 
 
-def open_store(database_url: str, *, schema: str = "public", pool_max: int = 4) -> Store:
+def open_store(database_url: str, *, schema: str = "public", pool_max: int = 4,
+               statement_timeout_ms: int = 10_000) -> Store:
     """A store for ``postgresql://…``, ``sqlite:///path`` or ``memory://``."""
     if database_url.startswith(("postgresql://", "postgres://")):
         from .postgres import PostgresStore
 
-        return PostgresStore(database_url, schema=schema, pool_max=pool_max)
+        return PostgresStore(database_url, schema=schema, pool_max=pool_max, statement_timeout_ms=statement_timeout_ms)
     if database_url.startswith("sqlite:///"):
         from .sqlite import SqliteStore
 

@@ -3,21 +3,43 @@
 from __future__ import annotations
 
 import threading
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
-__all__ = ["Store", "MemoryStore", "fix_row", "rejection_row", "FIX_COLUMNS", "REJECTION_COLUMNS"]
+__all__ = ["Store", "MemoryStore", "FixWrites", "fix_row", "rejection_row", "storable_text", "FIX_COLUMNS",
+           "REJECTION_COLUMNS", "TIMESCALEDB_MODES"]
 
 FIX_COLUMNS = ("captured_at", "fix_key", "task_id", "request_id", "lat", "lon", "east_m", "north_m",
                "cov_ee_m2", "cov_en_m2", "cov_nn_m2", "semi_major_95_m", "semi_minor_95_m", "orientation_95_deg",
-               "receivers", "model_name", "model_version", "cached", "timings_ms", "fix")
-REJECTION_COLUMNS = ("task_id", "request_id", "code", "message", "field", "receivers", "size_bytes")
+               "receivers", "model_name", "model_version", "cached", "timings_ms", "fix", "digest")
+REJECTION_COLUMNS = ("reject_key", "task_id", "request_id", "code", "message", "field", "receivers", "size_bytes")
+TIMESCALEDB_MODES = ("auto", "on", "off")
+"""``init_schema(timescaledb=…)``: use the extension where it works (auto), require it (on), never (off)."""
 
 
-def fix_row(fix: dict[str, Any]) -> dict[str, Any]:
+class FixWrites(NamedTuple):
+    """What one ``write_fixes`` call did."""
+
+    new: int  #: rows inserted (the others were already there)
+    conflicts: frozenset[int] = frozenset()  #: indexes of rows whose key was stored with another payload digest
+
+
+def storable_text(text: str | None, limit: int | None = None) -> str | None:
+    """``text`` as every store can keep it: lone surrogates and NUL (which PostgreSQL's text refuses)
+    replaced, cut to ``limit`` characters."""
+    if text is None:
+        return None
+    if limit is not None:
+        text = text[:limit]
+    return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
+
+
+def fix_row(fix: dict[str, Any], digest: str = "") -> dict[str, Any]:
     """A ``heimdall.fix/v1`` document -> one ``predictions`` row.
 
     The idempotency key is the client's ``request_id`` when it sent one, else the task id: a
     redelivered task (same task id) or a resubmitted request (same request id) never writes twice.
+    ``digest`` is the payload's digest (receivers and IQ): a request id stored with another digest
+    for the same capture time is a conflict, not a duplicate.
     """
     cov = fix["uncertainty"]["covariance_enu_m2"]
     e95 = fix["uncertainty"]["ellipses"][-1]
@@ -32,7 +54,7 @@ def fix_row(fix: dict[str, Any]) -> dict[str, Any]:
         "semi_major_95_m": e95["semi_major_m"], "semi_minor_95_m": e95["semi_minor_m"],
         "orientation_95_deg": e95["orientation_deg"], "receivers": list(fix["receivers_used"]),
         "model_name": fix["model"]["name"], "model_version": fix["model"]["version"], "cached": bool(fix["cached"]),
-        "timings_ms": fix.get("timings_ms", {}), "fix": _without_geojson(fix),
+        "timings_ms": fix.get("timings_ms", {}), "fix": _without_geojson(fix), "digest": digest or None,
     }
 
 
@@ -43,26 +65,37 @@ def _without_geojson(fix: dict[str, Any]) -> dict[str, Any]:
 
 
 def rejection_row(error: dict[str, Any], *, task_id: str | None, request_id: str | None = None,
-                  receivers: list[str] | None = None, size_bytes: int | None = None) -> dict[str, Any]:
-    """A structured payload error -> one ``rejections`` row (never the IQ)."""
-    return {"task_id": task_id, "request_id": request_id, "code": error["code"], "message": error["message"][:500],
-            "field": error.get("field"), "receivers": receivers or [], "size_bytes": size_bytes}
+                  receivers: list[str] | None = None, size_bytes: int | None = None,
+                  key: str | None = None) -> dict[str, Any]:
+    """A structured payload error -> one ``rejections`` row (never the IQ).
+
+    ``key`` (default: the request id, else the task id) makes the row unique with its code: a
+    redelivered or retried bad payload is recorded once. Text is made storable (NUL, lone surrogates).
+    """
+    key = key or request_id or task_id
+    return {"reject_key": storable_text(key, 300), "task_id": storable_text(task_id, 300),
+            "request_id": storable_text(request_id, 300), "code": error["code"],
+            "message": storable_text(str(error["message"]), 500), "field": storable_text(error.get("field"), 200),
+            "receivers": [storable_text(r, 64) for r in (receivers or [])], "size_bytes": size_bytes}
 
 
 class Store(Protocol):
     """What the service needs from a database."""
 
-    def init_schema(self) -> dict[str, Any]:
-        """Create tables (and hypertable/policies where TimescaleDB exists); returns what it did."""
+    def init_schema(self, *, timescaledb: str = "auto") -> dict[str, Any]:
+        """Create or migrate the tables (a hypertable with policies where TimescaleDB is used, see
+        :data:`TIMESCALEDB_MODES`); returns what it did."""
 
-    def write_fixes(self, rows: list[dict[str, Any]]) -> int:
-        """Insert fix rows idempotently in one transaction; returns how many were new.
+    def write_fixes(self, rows: list[dict[str, Any]]) -> FixWrites:
+        """Insert fix rows idempotently in one transaction; returns how many were new and which rows
+        conflict (their key is stored with another digest).
 
         Raises TransientError when the database cannot be reached (retry), StorageError otherwise.
         """
 
     def write_rejections(self, rows: list[dict[str, Any]]) -> None:
-        """Record rejected payloads."""
+        """Record rejected payloads, once per (key, code). Raises TransientError when the database
+        cannot be reached (the task retries, so the rejection is recorded once it is back)."""
 
     def count_fixes(self) -> int:
         """Rows in ``predictions``."""
@@ -82,22 +115,28 @@ class MemoryStore:
         self.rejections: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
-    def init_schema(self) -> dict[str, Any]:
-        return {"backend": "memory"}
+    def init_schema(self, *, timescaledb: str = "auto") -> dict[str, Any]:
+        return {"backend": "memory", "timescaledb": False}
 
-    def write_fixes(self, rows: list[dict[str, Any]]) -> int:
+    def write_fixes(self, rows: list[dict[str, Any]]) -> FixWrites:
         with self._lock:
-            new = 0
-            for r in rows:
+            new, conflicts = 0, set()
+            for i, r in enumerate(rows):
                 k = (r["fix_key"], r["captured_at"])
                 if k not in self.fixes:
                     self.fixes[k] = r
                     new += 1
-            return new
+                elif r.get("digest") and self.fixes[k].get("digest") not in (None, r["digest"]):
+                    conflicts.add(i)
+            return FixWrites(new, frozenset(conflicts))
 
     def write_rejections(self, rows: list[dict[str, Any]]) -> None:
         with self._lock:
-            self.rejections.extend(rows)
+            seen = {(r["reject_key"], r["code"]) for r in self.rejections if r.get("reject_key")}
+            for r in rows:
+                if not r.get("reject_key") or (r["reject_key"], r["code"]) not in seen:
+                    self.rejections.append(r)
+                    seen.add((r.get("reject_key"), r["code"]))
 
     def count_fixes(self) -> int:
         return len(self.fixes)

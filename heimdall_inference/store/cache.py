@@ -2,7 +2,9 @@
 
 The payload digest covers receiver ids, encodings, gains and IQ bytes; the model version is part
 of the key, so a new model never serves a stale fix. The cache is an optimisation: a Redis error
-is logged and counted as a miss, never a failed task.
+is a miss, never a failed task, and it opens a :class:`~heimdall_inference.ops.breaker.Breaker`
+(5 s, doubling up to 60 s) so that an unreachable, unresolvable or hanging cache costs one failed
+attempt per interval, not one per request. Each attempt is a single try with short timeouts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ import logging
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from ..ops.breaker import Breaker
 
 __all__ = ["FixCache"]
 
@@ -21,13 +27,18 @@ log = logging.getLogger(__name__)
 class FixCache:
     """get/put of fix documents with a TTL; hits and misses are counted."""
 
-    def __init__(self, url: str, *, ttl_s: int = 86_400, prefix: str = "heimdall:") -> None:
-        self.client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    def __init__(self, url: str, *, ttl_s: int = 86_400, prefix: str = "heimdall:",
+                 breaker: Breaker | None = None) -> None:
+        # one try per call (redis-py would retry 3 times with backoff): the breaker decides when to try again
+        self.client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                           retry=Retry(NoBackoff(), 0))
         self.ttl_s = ttl_s
         self.prefix = prefix
+        self.breaker = breaker or Breaker("the prediction cache (Redis)", base_s=5.0, max_s=60.0)
         self.hits = 0
         self.misses = 0
-        self.errors = 0
+        self.errors = 0  #: failed calls (each opened the breaker)
+        self.skipped = 0  #: calls not made while the breaker was open
 
     def key(self, model_version: str, digest: str) -> str:
         return f"{self.prefix}fix:{model_version}:{digest}"
@@ -39,11 +50,8 @@ class FixCache:
         """One round trip (MGET) for a micro-batch; a Redis error is a miss for all of them."""
         if not digests:
             return []
-        try:
-            raws = self.client.mget([self.key(model_version, d) for d in digests])
-        except redis.RedisError as exc:
-            self.errors += 1
-            log.warning("prediction cache unavailable (%s); computing the fix", exc)
+        raws = self._call(lambda: self.client.mget([self.key(model_version, d) for d in digests]))
+        if raws is None:
             raws = [None] * len(digests)
         out = [json.loads(r) if r is not None else None for r in raws]
         hits = sum(o is not None for o in out)
@@ -58,14 +66,28 @@ class FixCache:
         """One round trip (a pipeline of SETs with the TTL) for a micro-batch."""
         if not items:
             return
-        try:
+
+        def put() -> None:
             with self.client.pipeline(transaction=False) as pipe:
                 for digest, fix in items:
                     pipe.set(self.key(model_version, digest), json.dumps(fix), ex=self.ttl_s)
                 pipe.execute()
+
+        self._call(put)
+
+    def _call(self, fn: Any) -> Any:
+        """``fn()`` unless the breaker is open; None (a miss, nothing cached) when skipped or failed."""
+        if not self.breaker.allow():
+            self.skipped += 1
+            return None
+        try:
+            out = fn()
         except redis.RedisError as exc:
             self.errors += 1
-            log.warning("prediction cache unavailable (%s); fix not cached", exc)
+            self.breaker.failure(exc)
+            return None
+        self.breaker.success()
+        return out
 
     @property
     def hit_rate(self) -> float:

@@ -1,13 +1,16 @@
-"""PostgreSQL store: a ``predictions`` hypertable where TimescaleDB exists, the same table otherwise.
+"""PostgreSQL store: a ``predictions`` hypertable where TimescaleDB is used, the same table otherwise.
 
-psycopg errors are translated here: connection-level failures (``OperationalError``, pool timeouts)
-become :class:`TransientError` (the task retries with backoff), the rest :class:`StorageError`.
-One pool per process (create it after fork).
+psycopg errors are translated here: connection-level failures (``OperationalError``, which includes
+a statement cancelled by ``statement_timeout``, and pool timeouts) become :class:`TransientError`
+(the task retries with backoff), the rest :class:`StorageError`. One pool per process (create it
+after fork). Every connection carries a ``statement_timeout``, so a locked table fails a write (which
+is retried) well before the task's time limit instead of holding a child until it is killed.
 """
 
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -15,8 +18,8 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from ..errors import StorageError, TransientError
-from .base import FIX_COLUMNS, REJECTION_COLUMNS
+from ..errors import ConfigError, StorageError, TransientError
+from .base import FIX_COLUMNS, REJECTION_COLUMNS, TIMESCALEDB_MODES, FixWrites
 
 __all__ = ["PostgresStore"]
 
@@ -47,6 +50,7 @@ CREATE TABLE IF NOT EXISTS {schema}.predictions (
     timings_ms         jsonb,
     fix                jsonb            NOT NULL,
     stored_at          timestamptz      NOT NULL DEFAULT now(),
+    digest             text,
     PRIMARY KEY (fix_key, captured_at)
 );
 CREATE INDEX IF NOT EXISTS predictions_captured_at_idx ON {schema}.predictions (captured_at DESC);
@@ -59,9 +63,14 @@ CREATE TABLE IF NOT EXISTS {schema}.rejections (
     message     text        NOT NULL,
     field       text,
     receivers   text[]      NOT NULL DEFAULT '{{}}',
-    size_bytes  integer
+    size_bytes  integer,
+    reject_key  text
 );
+ALTER TABLE {schema}.predictions ADD COLUMN IF NOT EXISTS digest text;
+ALTER TABLE {schema}.rejections ADD COLUMN IF NOT EXISTS reject_key text;
+CREATE UNIQUE INDEX IF NOT EXISTS rejections_once_idx ON {schema}.rejections (reject_key, code);
 """
+"""Creates the tables, and migrates tables made by an earlier version (the two ADD COLUMNs)."""
 
 # {table} is the predictions table's name as a text literal (a regclass argument), {schema} an Identifier.
 TIMESCALE = """
@@ -71,11 +80,16 @@ SELECT add_compression_policy({table}, INTERVAL '7 days', if_not_exists => TRUE)
 SELECT add_retention_policy({table}, INTERVAL '400 days', if_not_exists => TRUE);
 """
 
+NOT_PRELOADED = ("TimescaleDB is installed but not preloaded: add timescaledb to shared_preload_libraries in "
+                 "postgresql.conf and restart PostgreSQL")
+NOT_INSTALLED = "TimescaleDB is not installed in this PostgreSQL server"
+
 
 class PostgresStore:
     """``predictions`` and ``rejections`` in one schema, through a small connection pool."""
 
-    def __init__(self, url: str, *, schema: str = "public", pool_max: int = 4, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, *, schema: str = "public", pool_max: int = 4, timeout_s: float = 5.0,
+                 statement_timeout_ms: int = 10_000) -> None:
         if not _IDENT.match(schema):  # quoting would make any name safe; this keeps names plain and portable
             raise ValueError(f"invalid schema name {schema!r}")
         self.schema = schema
@@ -83,17 +97,23 @@ class PostgresStore:
         self._predictions = sql.Identifier(schema, "predictions")
         self._rejections = sql.Identifier(schema, "rejections")
         self.timeout_s = timeout_s
+        options = f"-c statement_timeout={int(statement_timeout_ms)}"
         self.pool = ConnectionPool(url, min_size=1, max_size=max(1, pool_max), open=False, timeout=timeout_s,
-                                   kwargs={"autocommit": False, "connect_timeout": max(1, int(timeout_s))},
+                                   kwargs={"autocommit": False, "connect_timeout": max(1, int(timeout_s)),
+                                           "options": options},
                                    name=f"heimdall-{schema}")
         self.pool.open(wait=False)
         # rendered once: the hot path executes a plain string, as a hand-written one would be
         self._insert_fix = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (fix_key, captured_at) DO NOTHING").format(
             self._predictions, sql.SQL(", ").join(map(sql.Identifier, FIX_COLUMNS)),
             sql.SQL(", ").join(map(sql.Placeholder, FIX_COLUMNS))).as_string()
-        self._insert_rej = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+        self._insert_rej = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (reject_key, code) DO NOTHING").format(
             self._rejections, sql.SQL(", ").join(map(sql.Identifier, REJECTION_COLUMNS)),
             sql.SQL(", ").join(map(sql.Placeholder, REJECTION_COLUMNS))).as_string()
+        # the stored digests of a batch's keys (only asked when some rows were already there)
+        self._stored_digests = sql.SQL(
+            "SELECT p.fix_key, p.captured_at, p.digest FROM {} p JOIN unnest(%s::text[], %s::timestamptz[]) "
+            "AS k(fix_key, captured_at) USING (fix_key, captured_at)").format(self._predictions).as_string()
 
     def _run(self, fn):
         """Run ``fn(conn)`` in one transaction: the pool commits on success, rolls back on error."""
@@ -101,38 +121,87 @@ class PostgresStore:
             with self.pool.connection() as conn:
                 return fn(conn)
         except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise TransientError(f"PostgreSQL unreachable: {exc}") from exc
+            raise TransientError(f"PostgreSQL unreachable or too slow: {_first_line(exc)}") from exc
         except psycopg.Error as exc:
-            raise StorageError(f"PostgreSQL refused the operation: {exc}") from exc
+            raise StorageError(f"PostgreSQL refused the operation: {_first_line(exc)}") from exc
 
-    def init_schema(self) -> dict[str, Any]:
+    def init_schema(self, *, timescaledb: str = "auto") -> dict[str, Any]:
+        """Create or migrate the tables; a hypertable with compression and retention where TimescaleDB
+        is used. ``timescaledb``: "auto" uses it where it works and says why not otherwise, "on"
+        requires it (ConfigError naming the fix), "off" never uses it."""
+        if timescaledb not in TIMESCALEDB_MODES:
+            raise ValueError(f"timescaledb must be one of {TIMESCALEDB_MODES}")
+
         def go(conn: psycopg.Connection) -> dict[str, Any]:
+            conn.execute("SET LOCAL statement_timeout = 0")  # migrating data into a hypertable may take a while
             conn.execute(sql.SQL(DDL).format(schema=self._schema))
-            row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
-            done = {"backend": "postgresql", "schema": self.schema, "timescaledb": False}
-            if row:
-                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-                table = sql.Literal(self._predictions.as_string(conn))
-                for stmt in TIMESCALE.strip().split(";\n"):
-                    conn.execute(sql.SQL(stmt).format(schema=self._schema, table=table))
-                done["timescaledb"] = True
+            done: dict[str, Any] = {"backend": "postgresql", "schema": self.schema, "timescaledb": False}
+            if timescaledb == "off":
+                return done
+            why = self._timescaledb_problem(conn)
+            if why is not None:
+                if timescaledb == "on":
+                    raise ConfigError(f"{why} (HEIMDALL_TIMESCALEDB=on); or set HEIMDALL_TIMESCALEDB=auto to "
+                                      "use a plain table")
+                done["timescaledb_note"] = f"{why}; using a plain table"
+                return done
+            table = sql.Literal(self._predictions.as_string(conn))
+            for stmt in TIMESCALE.strip().split(";\n"):
+                conn.execute(sql.SQL(stmt).format(schema=self._schema, table=table))
+            done["timescaledb"] = True
             return done
 
         return self._run(go)
 
-    def write_fixes(self, rows: list[dict[str, Any]]) -> int:
+    @staticmethod
+    def _timescaledb_problem(conn: psycopg.Connection) -> str | None:
+        """Why TimescaleDB cannot be used in this database, or None once the extension is created."""
+        if conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone() is None:
+            return NOT_INSTALLED
+        preload = conn.execute("SELECT current_setting('shared_preload_libraries')").fetchone()[0]
+        if "timescaledb" not in preload:
+            return NOT_PRELOADED
+        try:
+            with conn.transaction():  # a savepoint: a refusal leaves the tables above in place
+                conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+        except psycopg.errors.InsufficientPrivilege as exc:
+            return f"TimescaleDB cannot be created by this user ({_first_line(exc)}): run CREATE EXTENSION " \
+                   "timescaledb as a superuser once"
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            return f"CREATE EXTENSION timescaledb failed: {_first_line(exc)}"
+        return None
+
+    def write_fixes(self, rows: list[dict[str, Any]]) -> FixWrites:
         if not rows:
-            return 0
+            return FixWrites(0)
         prepared = [{**r, "timings_ms": Jsonb(r["timings_ms"]), "fix": Jsonb(r["fix"])} for r in rows]
 
-        def go(conn: psycopg.Connection) -> int:
+        def go(conn: psycopg.Connection) -> FixWrites:
             if len(prepared) == 1:  # a plain execute: executemany's pipeline costs ~0.4 ms per call
-                return max(conn.execute(self._insert_fix, prepared[0]).rowcount, 0)
-            with conn.cursor() as cur:
-                cur.executemany(self._insert_fix, prepared)  # rowcount: the sum over the statements
-                return max(cur.rowcount, 0)
+                new = max(conn.execute(self._insert_fix, prepared[0]).rowcount, 0)
+            else:
+                with conn.cursor() as cur:
+                    cur.executemany(self._insert_fix, prepared)  # rowcount: the sum over the statements
+                    new = max(cur.rowcount, 0)
+            if new == len(rows) or not any(r.get("digest") for r in rows):
+                return FixWrites(new)
+            return FixWrites(new, self._conflicts(conn, rows))
 
         return self._run(go)
+
+    def _conflicts(self, conn: psycopg.Connection, rows: list[dict[str, Any]]) -> frozenset[int]:
+        """Rows whose (key, capture time) is stored with another payload digest (same transaction)."""
+        asked = [r for r in rows if r.get("digest")]
+        stored = {(k, t): d for k, t, d in conn.execute(self._stored_digests, (
+            [r["fix_key"] for r in asked], [r["captured_at"] for r in asked])).fetchall()}
+        out = set()
+        for i, r in enumerate(rows):
+            d = stored.get((r["fix_key"], datetime.fromisoformat(r["captured_at"])))
+            if r.get("digest") and d is not None and d != r["digest"]:
+                out.add(i)
+        return frozenset(out)
 
     def write_rejections(self, rows: list[dict[str, Any]]) -> None:
         if rows:
@@ -159,3 +228,7 @@ class PostgresStore:
 
     def close(self) -> None:
         self.pool.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -8,8 +8,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import StorageError, TransientError
-from .base import FIX_COLUMNS, REJECTION_COLUMNS
+from ..errors import ConfigError, StorageError, TransientError
+from .base import FIX_COLUMNS, REJECTION_COLUMNS, FixWrites
 
 __all__ = ["SqliteStore"]
 
@@ -21,16 +21,20 @@ CREATE TABLE IF NOT EXISTS predictions (
     semi_major_95_m REAL, semi_minor_95_m REAL, orientation_95_deg REAL,
     receivers TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL,
     cached INTEGER NOT NULL DEFAULT 0, timings_ms TEXT, fix TEXT NOT NULL,
-    stored_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    stored_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), digest TEXT,
     PRIMARY KEY (fix_key, captured_at)
 );
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     received_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     task_id TEXT, request_id TEXT, code TEXT NOT NULL, message TEXT NOT NULL, field TEXT,
-    receivers TEXT NOT NULL DEFAULT '[]', size_bytes INTEGER
+    receivers TEXT NOT NULL DEFAULT '[]', size_bytes INTEGER, reject_key TEXT
 );
 """
+MIGRATIONS = {("predictions", "digest"): "ALTER TABLE predictions ADD COLUMN digest TEXT",
+              ("rejections", "reject_key"): "ALTER TABLE rejections ADD COLUMN reject_key TEXT"}
+"""Columns added since the first version, for files made by it (SQLite has no ADD COLUMN IF NOT EXISTS)."""
+INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS rejections_once_idx ON rejections (reject_key, code)"
 
 
 class SqliteStore:
@@ -41,7 +45,7 @@ class SqliteStore:
         self._local = threading.local()
         cols = ", ".join(FIX_COLUMNS)
         self._insert_fix = f"INSERT OR IGNORE INTO predictions ({cols}) VALUES ({', '.join('?' * len(FIX_COLUMNS))})"
-        self._insert_rej = (f"INSERT INTO rejections ({', '.join(REJECTION_COLUMNS)}) VALUES "
+        self._insert_rej = (f"INSERT OR IGNORE INTO rejections ({', '.join(REJECTION_COLUMNS)}) VALUES "
                             f"({', '.join('?' * len(REJECTION_COLUMNS))})")
 
     def _conn(self) -> sqlite3.Connection:
@@ -58,16 +62,28 @@ class SqliteStore:
             conn = self._conn()
             with conn:
                 return fn(conn)
-        except sqlite3.OperationalError as exc:  # locked, disk I/O: worth a retry
-            raise TransientError(f"SQLite busy or unavailable: {exc}") from exc
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):  # a retry would not create it: db init would
+                raise StorageError(f"SQLite: {exc}; run `heimdall-inference db init` first") from exc
+            raise TransientError(f"SQLite busy or unavailable: {exc}") from exc  # locked, disk I/O: worth a retry
         except sqlite3.Error as exc:
             raise StorageError(f"SQLite refused the operation: {exc}") from exc
 
-    def init_schema(self) -> dict[str, Any]:
-        self._run(lambda conn: conn.executescript(DDL))
+    def init_schema(self, *, timescaledb: str = "auto") -> dict[str, Any]:
+        if timescaledb == "on":
+            raise ConfigError("HEIMDALL_TIMESCALEDB=on needs a PostgreSQL database, not SQLite")
+
+        def go(conn: sqlite3.Connection) -> None:
+            conn.executescript(DDL)
+            for (table, column), stmt in MIGRATIONS.items():
+                if column not in {r[1] for r in conn.execute(f"PRAGMA table_info({table})")}:
+                    conn.execute(stmt)
+            conn.execute(INDEXES)
+
+        self._run(go)
         return {"backend": "sqlite", "path": str(self.path), "timescaledb": False}
 
-    def write_fixes(self, rows: list[dict[str, Any]]) -> int:
+    def write_fixes(self, rows: list[dict[str, Any]]) -> FixWrites:
         def values(r: dict[str, Any]) -> tuple:
             out = []
             for c in FIX_COLUMNS:
@@ -75,12 +91,22 @@ class SqliteStore:
                 out.append(json.dumps(v) if c in ("receivers", "timings_ms", "fix") else v)
             return tuple(out)
 
-        def go(conn: sqlite3.Connection) -> int:
+        def go(conn: sqlite3.Connection) -> FixWrites:
             before = conn.total_changes
             conn.executemany(self._insert_fix, [values(r) for r in rows])
-            return conn.total_changes - before
+            new = conn.total_changes - before
+            if new == len(rows):
+                return FixWrites(new)
+            conflicts = set()
+            for i, r in enumerate(rows):
+                if r.get("digest"):
+                    got = conn.execute("SELECT digest FROM predictions WHERE fix_key = ? AND captured_at = ?",
+                                       (r["fix_key"], r["captured_at"])).fetchone()
+                    if got is not None and got[0] is not None and got[0] != r["digest"]:
+                        conflicts.add(i)
+            return FixWrites(new, frozenset(conflicts))
 
-        return self._run(go) if rows else 0
+        return self._run(go) if rows else FixWrites(0)
 
     def write_rejections(self, rows: list[dict[str, Any]]) -> None:
         if rows:

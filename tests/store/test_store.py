@@ -1,17 +1,20 @@
-"""The stores: idempotent writes and recorded rejections, on real PostgreSQL and SQLite."""
+"""The stores: idempotent writes, conflicts, rejections once, on real PostgreSQL (plain and TimescaleDB)
+and SQLite."""
 
 from __future__ import annotations
 
 import copy
+import threading
 import uuid
 
+import psycopg
 import pytest
 
-from heimdall_inference.errors import TransientError
-from heimdall_inference.store import MemoryStore, fix_row, open_store, rejection_row
-from heimdall_inference.store.postgres import PostgresStore
+from heimdall_inference.errors import ConfigError, StorageError, TransientError
+from heimdall_inference.store import FixWrites, MemoryStore, fix_row, open_store, rejection_row
+from heimdall_inference.store.postgres import NOT_INSTALLED, NOT_PRELOADED, PostgresStore
 
-from ..live import PG_URL, port_open, unavailable
+from ..live import PG_URL, port_open, report_line, unavailable
 
 
 @pytest.fixture(scope="module")
@@ -19,33 +22,165 @@ def fixes(localizer, scenes_and_payloads):
     return localizer.predict_many(scenes_and_payloads[1][:4])
 
 
-def _exercise(store, fixes):
-    info = store.init_schema()
-    store.init_schema()  # idempotent
-    rows = [fix_row(f) for f in fixes]
-    assert store.write_fixes(rows) == 4
-    assert store.write_fixes(rows[:2]) == 0  # redelivered: nothing new
+def _pg(schema_tag: str, url: str = PG_URL, **kwargs) -> PostgresStore:
+    if not port_open(url.split("@", 1)[1].split("/", 1)[0]):
+        unavailable("PostgreSQL")
+    return PostgresStore(url, schema=f"t_{schema_tag}_{uuid.uuid4().hex[:8]}", **kwargs)
+
+
+def _exercise(store, fixes, **init):
+    info = store.init_schema(**init)
+    store.init_schema(**init)  # idempotent
+    rows = [fix_row(f, f"digest-{i}") for i, f in enumerate(fixes)]
+    assert store.write_fixes(rows) == FixWrites(4)
+    assert store.write_fixes(rows[:2]) == FixWrites(0)  # redelivered: nothing new, no conflict
     moved = copy.deepcopy(fixes[0])
     moved["captured_at"] = "2026-11-24T07:00:00.000Z"  # same key, another capture time: a new row
-    assert store.write_fixes([fix_row(moved)]) == 1
+    assert store.write_fixes([fix_row(moved, "digest-0")]).new == 1
+    # the same request id and capture time with other IQ: a conflict, nothing written
+    other = fix_row(fixes[1], "another-digest")
+    assert store.write_fixes([rows[2], other, rows[3]]) == FixWrites(0, frozenset({1}))
+    assert store.write_fixes([fix_row(fixes[2])]) == FixWrites(0)  # no digest (a task-id key): never a conflict
     assert store.count_fixes() == 5
-    store.write_rejections([rejection_row({"code": "bad_base64", "message": "x", "field": "receivers[0].iq.data"},
-                                          task_id="t", receivers=["torino"], size_bytes=10)])
+    bad = {"code": "bad_base64", "message": "x\x00y\ud800", "field": "receivers[0].iq.data"}
+    for _ in range(2):  # redelivered: recorded once
+        store.write_rejections([rejection_row(bad, task_id="t", request_id="r\x00", receivers=["tor\x00ino"],
+                                              size_bytes=10)])
+    store.write_rejections([rejection_row({**bad, "code": "conflict"}, task_id="t", request_id="r\x00")])
+    store.write_rejections([rejection_row(bad, task_id=None)])  # no key at all: kept, never merged
+    store.write_rejections([rejection_row(bad, task_id=None)])
+    assert store.count_rejections() == 4
     return info
 
 
-def test_postgres_store(fixes):
-    host = PG_URL.split("@", 1)[1].split("/", 1)[0]
-    if not port_open(host):
-        unavailable("PostgreSQL")
-    store = PostgresStore(PG_URL, schema=f"t_store_{uuid.uuid4().hex[:8]}")
+def test_postgres_store_on_the_servers_own_branch(fixes):
+    """True on both branches: a hypertable where the server preloads TimescaleDB, a plain table with the
+    reason where it does not."""
+    store = _pg("store")
     try:
         info = _exercise(store, fixes)
-        assert info == {"backend": "postgresql", "schema": store.schema, "timescaledb": False}
+        available = store._run(lambda c: c.execute(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()[0])
+        preloaded = "timescaledb" in store._run(lambda c: c.execute("SHOW shared_preload_libraries").fetchone()[0])
+        assert info["timescaledb"] is bool(available and preloaded)
+        if info["timescaledb"]:
+            figures = _timescaledb_figures(store)
+            report_line(f"store test on a real hypertable: {figures}")
+            assert figures["hypertable"] and figures["compression"]
+            assert figures["jobs"]["policy_compression"]["compress_after"] == "7 days"
+            assert figures["jobs"]["policy_retention"]["drop_after"] == "400 days"
+        else:
+            report_line(f"store test on plain PostgreSQL: {info['timescaledb_note']}")
+            assert info["timescaledb_note"].startswith(NOT_PRELOADED if available else NOT_INSTALLED)
         got = store.fetch_fix(fixes[1]["request_id"])
         assert got["position"] == fixes[1]["position"]
-        row = store._run(lambda c: c.execute(f"SELECT code, field, receivers FROM {store.schema}.rejections").fetchone())
-        assert row == ("bad_base64", "receivers[0].iq.data", ["torino"])
+        rows = store._run(lambda c: c.execute(f"SELECT reject_key, code, message, request_id, receivers FROM "
+                                              f"{store.schema}.rejections ORDER BY id").fetchall())
+        assert rows[0] == ("r\ufffd", "bad_base64", "x\ufffdy?", "r\ufffd", ["tor\ufffdino"])
+        assert [r[1] for r in rows] == ["bad_base64", "conflict", "bad_base64", "bad_base64"]
+    finally:
+        store.drop_schema()
+        store.close()
+
+
+def _timescaledb_figures(store: PostgresStore) -> dict:
+    def go(c):
+        hyper = c.execute("SELECT compression_enabled FROM timescaledb_information.hypertables "
+                          "WHERE hypertable_schema = %s AND hypertable_name = 'predictions'", (store.schema,)).fetchone()
+        jobs = c.execute("SELECT proc_name, config FROM timescaledb_information.jobs WHERE hypertable_schema = %s "
+                         "AND hypertable_name = 'predictions'", (store.schema,)).fetchall()
+        return {"hypertable": hyper is not None, "compression": bool(hyper and hyper[0]),
+                "jobs": {name: cfg for name, cfg in jobs}}
+    return store._run(go)
+
+
+def test_off_keeps_a_plain_table_on_any_server(fixes):
+    store = _pg("plain")
+    try:
+        assert _exercise(store, fixes, timescaledb="off") == {"backend": "postgresql", "schema": store.schema,
+                                                               "timescaledb": False}
+        kind = store._run(lambda c: c.execute("SELECT count(*) FROM pg_inherits i JOIN pg_class p ON p.oid = "
+                                              "i.inhparent WHERE p.relname = 'predictions' AND p.relnamespace = "
+                                              "%s::regnamespace", (store.schema,)).fetchone()[0])
+        assert kind == 0  # no chunks: a plain table
+    finally:
+        store.drop_schema()
+        store.close()
+
+
+def test_installed_but_not_preloaded_is_one_clear_line(fixes):
+    """A cluster of the test's own without the preload: auto falls back and says why; on refuses."""
+    from ..servers import PrivatePostgres
+
+    pg = PrivatePostgres()
+    try:
+        store = PostgresStore(pg.url, schema="heimdall")
+        try:
+            installed = store._run(lambda c: c.execute(
+                "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()[0])
+            why = NOT_PRELOADED if installed else NOT_INSTALLED
+            info = store.init_schema(timescaledb="auto")
+            assert info["timescaledb"] is False and info["timescaledb_note"] == f"{why}; using a plain table"
+            with pytest.raises(ConfigError) as err:
+                store.init_schema(timescaledb="on")
+            assert why in str(err.value) and "\n" not in str(err.value)
+            assert store.write_fixes([fix_row(fixes[0])]).new == 1  # the plain table works
+        finally:
+            store.close()
+    finally:
+        pg.close()
+
+
+def test_a_locked_table_fails_the_write_quickly_as_transient(fixes):
+    """statement_timeout: a write that waits on a lock is cancelled (and retried by the task) long before a
+    time limit could kill the child holding it."""
+    store = _pg("locked", statement_timeout_ms=300)
+    try:
+        store.init_schema()
+        release = threading.Event()
+        locked = threading.Event()
+
+        def hold():
+            with psycopg.connect(PG_URL) as conn:
+                conn.execute(f"LOCK TABLE {store.schema}.predictions IN ACCESS EXCLUSIVE MODE")
+                locked.set()
+                release.wait(30)
+
+        t = threading.Thread(target=hold)
+        t.start()
+        try:
+            assert locked.wait(10)
+            with pytest.raises(TransientError, match="statement timeout"):
+                store.write_fixes([fix_row(fixes[0])])
+        finally:
+            release.set()
+            t.join()
+        assert store.write_fixes([fix_row(fixes[0])]).new == 1  # the lock gone: the retry writes it
+    finally:
+        store.drop_schema()
+        store.close()
+
+
+def test_tables_of_an_earlier_version_are_migrated(fixes):
+    store = _pg("migrate")
+    try:
+        store._run(lambda c: c.execute(f"""
+            CREATE SCHEMA {store.schema};
+            CREATE TABLE {store.schema}.predictions (captured_at timestamptz NOT NULL, fix_key text NOT NULL,
+                task_id text, request_id text, lat double precision NOT NULL, lon double precision NOT NULL,
+                east_m double precision, north_m double precision, cov_ee_m2 double precision NOT NULL,
+                cov_en_m2 double precision NOT NULL, cov_nn_m2 double precision NOT NULL,
+                semi_major_95_m double precision, semi_minor_95_m double precision,
+                orientation_95_deg double precision, receivers text[] NOT NULL, model_name text NOT NULL,
+                model_version text NOT NULL, cached boolean NOT NULL DEFAULT false, timings_ms jsonb,
+                fix jsonb NOT NULL, stored_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (fix_key, captured_at));
+            CREATE TABLE {store.schema}.rejections (id bigserial PRIMARY KEY, received_at timestamptz NOT NULL
+                DEFAULT now(), task_id text, request_id text, code text NOT NULL, message text NOT NULL, field text,
+                receivers text[] NOT NULL DEFAULT '{{}}', size_bytes integer);"""))
+        store.init_schema(timescaledb="off")
+        assert store.write_fixes([fix_row(fixes[0], "d")]).new == 1
+        store.write_rejections([rejection_row({"code": "x", "message": "m"}, task_id="t")] * 2)
+        assert store.count_rejections() == 1
     finally:
         store.drop_schema()
         store.close()
@@ -65,6 +200,35 @@ def test_sqlite_store(tmp_path, fixes):
     try:
         assert _exercise(store, fixes)["backend"] == "sqlite"
         assert [f["request_id"] for f in store.fixes()][:1] == [fixes[0]["request_id"]]
+        with pytest.raises(ConfigError):
+            store.init_schema(timescaledb="on")
+    finally:
+        store.close()
+
+
+def test_sqlite_without_tables_is_not_a_retry(tmp_path, fixes):
+    """A worker started before `db init` fails clearly instead of retrying for half an hour."""
+    store = open_store(f"sqlite:///{tmp_path / 'empty.sqlite3'}")
+    try:
+        with pytest.raises(StorageError, match="db init"):
+            store.write_fixes([fix_row(fixes[0])])
+    finally:
+        store.close()
+
+
+def test_sqlite_file_of_an_earlier_version_is_migrated(tmp_path, fixes):
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.executescript("CREATE TABLE rejections (id INTEGER PRIMARY KEY AUTOINCREMENT, received_at TEXT, "
+                           "task_id TEXT, request_id TEXT, code TEXT NOT NULL, message TEXT NOT NULL, field TEXT, "
+                           "receivers TEXT NOT NULL DEFAULT '[]', size_bytes INTEGER)")
+    store = open_store(f"sqlite:///{path}")
+    try:
+        store.init_schema()
+        store.write_rejections([rejection_row({"code": "x", "message": "m"}, task_id="t")] * 2)
+        assert store.count_rejections() == 1
     finally:
         store.close()
 

@@ -22,7 +22,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from fractions import Fraction
 from typing import Any
 
@@ -41,6 +41,8 @@ IqRefFetcher = Callable[[str], bytes]
 """Fetches the ``.npy`` bytes behind an ``iq_ref`` claim check (e.g. ``s3://bucket/key.npy``)."""
 
 _MAX_ID_CHARS = 128
+_EARLIEST_CAPTURE = datetime(2000, 1, 1, tzinfo=timezone.utc)
+"""captured_at is part of the idempotency key and makes hypertable chunks: no year 1 or 9999."""
 _S3_URL = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[^\x00-\x1f]+$")
 """An S3 URL the producer can fix if it is wrong: a valid bucket name and a printable key (a malformed
 one would otherwise reach boto3 and come back as a "store unreachable" retry)."""
@@ -56,6 +58,11 @@ class Limits:
     #: full scale (+70 dBm, 10 W, at the reference model's -10 dBm full scale), beyond any receiver input;
     #: larger finite values would overflow the float32 features into NaN
     max_sample_magnitude: float = 1e4
+    #: everything in a payload object but its IQ data (ids, options, unknown fields): a producer's 20 MB
+    #: string in an unknown field is refused, not carried into the worker, the cache and the database
+    max_metadata_bytes: int = 64 * 1024
+    #: how far ahead of the worker's clock ``captured_at`` may be (clock skew between hosts)
+    max_clock_skew_s: float = 86_400.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +101,31 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _metadata_bytes(doc: dict[str, Any], *, stop_after: int) -> int:
+    """About how many bytes a parsed payload holds besides its IQ data (``receivers[i].iq.data``):
+    strings and bytes by length, keys too, 8 per other scalar. Iterative; stops once past ``stop_after``."""
+    # each stack entry: (object, role) with role "doc", "receivers", "receiver", "iq" or "" (anything else)
+    child_role = {("doc", "receivers"): "receivers", ("receiver", "iq"): "iq"}
+    total = 0
+    stack: list[tuple[Any, str]] = [(doc, "doc")]
+    while stack and total <= stop_after:
+        obj, role = stack.pop()
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                total += len(k) if isinstance(k, str) else 8
+                if role == "iq" and k == "data":
+                    continue
+                stack.append((v, child_role.get((role, k), "")))
+        elif isinstance(obj, list):
+            total += 8 * len(obj)
+            stack.extend((v, "receiver" if role == "receivers" else "") for v in obj)
+        elif isinstance(obj, (str, bytes, bytearray, memoryview)):
+            total += len(obj)
+        else:
+            total += 8
+    return total
+
+
 class PayloadDecoder:
     """Turns raw bytes or a parsed dict into a :class:`DecodedPayload` for one model."""
 
@@ -119,12 +151,16 @@ class PayloadDecoder:
 
     def _decode(self, raw: bytes | bytearray | memoryview | dict[str, Any], digest: bool = True) -> DecodedPayload:
         doc = self._parse(raw)
+        extra = _metadata_bytes(doc, stop_after=self.limits.max_metadata_bytes)
+        if extra > self.limits.max_metadata_bytes:
+            raise PayloadError(C.PAYLOAD_TOO_LARGE, f"more than {self.limits.max_metadata_bytes} bytes besides the IQ "
+                               "data (ids, options, unknown fields)", max_bytes=self.limits.max_metadata_bytes)
         schema = doc.get("schema")
         if schema is None:
             raise PayloadError(C.MISSING_FIELD, "the payload has no schema", "schema")
         if schema != SCHEMA_IQ:
             raise PayloadError(C.UNKNOWN_SCHEMA, f"schema must be {SCHEMA_IQ!r}", "schema", got=str(schema)[:64])
-        captured_at = self._captured_at(doc)
+        captured_at = self._captured_at(doc, self.limits.max_clock_skew_s)
         center = self._number(doc, "center_freq_hz")
         if not any(lo <= center <= hi for lo, hi in self.spec.bands_hz):
             raise PayloadError(C.UNSUPPORTED_FREQUENCY,
@@ -136,7 +172,8 @@ class PayloadDecoder:
         session_id = self._optional_id(doc, "session_id")
         options = self._options(doc)
         need = math.ceil(self.spec.snippet_samples * down / up)
-        ids, arrays, key, size = self._receivers(doc, need, digest)
+        # the digest is the cache key, and what tells a resubmission from a conflicting reuse of a request id
+        ids, arrays, key, size = self._receivers(doc, need, digest or request_id is not None)
         iq = np.empty((len(ids), self.spec.snippet_samples), np.complex64)
         for i, x in enumerate(arrays):
             if up != 1 or down != 1:
@@ -177,7 +214,7 @@ class PayloadDecoder:
         return float(v)
 
     @staticmethod
-    def _captured_at(doc: dict[str, Any]) -> str:
+    def _captured_at(doc: dict[str, Any], max_skew_s: float) -> str:
         if "captured_at" not in doc:
             raise PayloadError(C.MISSING_FIELD, "captured_at is required", "captured_at")
         v = doc["captured_at"]
@@ -190,6 +227,10 @@ class PayloadDecoder:
                                "captured_at") from exc
         if ts.tzinfo is None:
             raise PayloadError(C.INVALID_FIELD, "captured_at needs a time zone (e.g. 'Z')", "captured_at")
+        latest = datetime.now(timezone.utc) + timedelta(seconds=max_skew_s)
+        if not _EARLIEST_CAPTURE <= ts <= latest:
+            raise PayloadError(C.INVALID_FIELD, f"captured_at must be from {_EARLIEST_CAPTURE.date()} on and at most "
+                               f"{max_skew_s:g} s ahead of the worker's clock", "captured_at")
         return ts.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     @staticmethod

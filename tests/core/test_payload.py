@@ -120,6 +120,12 @@ def _b64(n_bytes: int) -> str:
     return base64.b64encode(b"\x00" * n_bytes).decode()
 
 
+def _days_ahead(days: float) -> str:
+    from datetime import datetime, timedelta, timezone
+
+    return (datetime.now(timezone.utc) + timedelta(days=days)).isoformat()
+
+
 CASES = [
     ("decode_error: not json", lambda p: b"{not json", C.DECODE_ERROR, None),
     ("decode_error: garbage msgpack", lambda p: b"\xc1\xc1\xc1", C.DECODE_ERROR, None),
@@ -131,6 +137,14 @@ CASES = [
     ("missing captured_at", lambda p: {k: v for k, v in p.items() if k != "captured_at"}, C.MISSING_FIELD, "captured_at"),
     ("bad captured_at", lambda p: {**p, "captured_at": "yesterday"}, C.INVALID_FIELD, "captured_at"),
     ("naive captured_at", lambda p: {**p, "captured_at": "2026-11-23T07:00:00"}, C.INVALID_FIELD, "captured_at"),
+    ("captured in year 1 (an idempotency key, a hypertable chunk)", lambda p: {**p, "captured_at": "0001-01-01T00:00:00Z"},
+     C.INVALID_FIELD, "captured_at"),
+    ("captured in 9999", lambda p: {**p, "captured_at": "9999-12-31T23:59:59Z"}, C.INVALID_FIELD, "captured_at"),
+    ("captured two days ahead of the clock", lambda p: {**p, "captured_at": _days_ahead(2)}, C.INVALID_FIELD,
+     "captured_at"),
+    ("20 MB in an unknown field (it was stored)", lambda p: {**p, "note": "x" * 20_000_000}, C.PAYLOAD_TOO_LARGE, None),
+    ("a big unknown field in a receiver", lambda p: _rx(p, 2, lambda r: r.update(comment="y" * 70_000)),
+     C.PAYLOAD_TOO_LARGE, None),
     ("missing center", lambda p: {k: v for k, v in p.items() if k != "center_freq_hz"}, C.MISSING_FIELD, "center_freq_hz"),
     ("center is text", lambda p: {**p, "center_freq_hz": "145.5 MHz"}, C.INVALID_FIELD, "center_freq_hz"),
     ("center is bool", lambda p: {**p, "center_freq_hz": True}, C.INVALID_FIELD, "center_freq_hz"),
@@ -221,7 +235,14 @@ def test_invalid_payloads_get_typed_errors(decoder, payload, name, mutate, code,
 
 def test_every_code_is_exercised():
     codes = {v for k, v in vars(C).items() if k.isupper()}
-    assert codes == {c[2] for c in CASES}
+    # a conflict is found by the store, not the decoder (tests/worker/test_service.py)
+    assert codes - {C.CONFLICT} == {c[2] for c in CASES}
+
+
+def test_a_decoded_object_with_20_mb_besides_its_iq_is_refused(decoder, payload):
+    """What the worker gets from the broker is an object, not bytes: the byte cap alone never saw this."""
+    err = _code(decoder, {**payload, "note": "x" * 20_000_000})
+    assert err.code == C.PAYLOAD_TOO_LARGE and err.context["max_bytes"] == 64 * 1024
 
 
 def test_msgpack_non_bytes_data_and_nested_junk(decoder, payload):
@@ -326,6 +347,7 @@ def test_deeply_nested_document_is_rejected_not_crashing(decoder):
 
 
 def test_digest_can_be_skipped_for_paths_without_cache(decoder, payload):
+    payload = {k: v for k, v in payload.items() if k != "request_id"}  # a request id always gets one
     with_key = decoder.decode(payload)
     without = decoder.decode(payload, digest=False)
     assert without.digest == "" and len(with_key.digest) == 32
@@ -337,3 +359,18 @@ def test_extreme_sample_rates_are_unsupported_not_a_crash(decoder, payload, rate
     """Found by the fuzz once the decoder stopped turning every exception into invalid_field: a subnormal
     rate made the resampling ratio infinite (OverflowError)."""
     assert _code(decoder, {**payload, "sample_rate_hz": rate}).code == C.UNSUPPORTED_SAMPLE_RATE
+
+
+def test_a_capture_a_few_hours_ahead_is_clock_skew_not_an_error(decoder, payload):
+    assert decoder.decode({**payload, "captured_at": _days_ahead(0.2)}).captured_at
+
+
+def test_metadata_besides_the_iq_is_bounded_but_the_iq_is_not_counted(decoder, payload):
+    """IQ data of the largest allowed size passes the metadata cap; a few KB of ids and options too."""
+    assert decoder.decode({**payload, "note": "n" * 60_000}).request_id == payload.get("request_id")
+
+
+def test_a_request_id_makes_a_digest_even_without_the_cache(decoder, payload):
+    doc = {**payload, "request_id": "with-id"}
+    assert decoder.decode(doc, digest=False).digest  # what tells a conflict from a resubmission
+    assert decoder.decode({k: v for k, v in doc.items() if k != "request_id"}, digest=False).digest == ""

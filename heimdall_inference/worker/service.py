@@ -1,10 +1,15 @@
 """What a worker process does with a payload, without Celery: decode, cache, locate, store.
 
 Tasks are thin wrappers over :class:`Service`. Invalid input raises :class:`PayloadError` after
-being recorded in the ``rejections`` table; an unreachable database is a :class:`TransientError`
-(retry with backoff); a row the database refuses is a :class:`StorageError` for that request alone,
-and a non-finite model output an :class:`InferenceError` for that request alone (never cached or
-stored); the cache never fails a request.
+being recorded in the ``rejections`` table (once per request, even when redelivered); a request id
+already stored with other IQ for the same capture time is a :class:`PayloadError` ``conflict``; an
+unreachable database is a :class:`TransientError` (retry with backoff), also while recording a
+rejection; a row the database refuses is a :class:`StorageError` for that request alone, and a
+non-finite model output an :class:`InferenceError` for that request alone (never cached or stored);
+the cache never fails a request.
+
+``interrupts`` are exceptions that end a whole pass rather than one request (the worker passes
+Celery's soft time limit): they are never kept in a request's slot.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 
 from ..store.cache import FixCache
 from ..ops.metrics import ServiceMetrics
-from ..errors import HeimdallError, PayloadError, StorageError, TransientError
+from ..errors import HeimdallError, PayloadCode, PayloadError, StorageError, TransientError
 from ..core.payload import DecodedPayload
 from ..core.localizer import Localizer, RawPayload
 from ..store import Store, fix_row, rejection_row
@@ -53,12 +58,14 @@ class Service:
     """One worker process' pipeline around a warm :class:`Localizer`."""
 
     def __init__(self, localizer: Localizer, store: Store, cache: FixCache | None = None, *,
-                 alias: str | None = None, metrics: ServiceMetrics | None = None) -> None:
+                 alias: str | None = None, metrics: ServiceMetrics | None = None,
+                 interrupts: tuple[type[BaseException], ...] = ()) -> None:
         self.localizer = localizer
         self.store = store
         self.cache = cache
         self.alias = alias
         self.metrics = metrics
+        self.interrupts = interrupts
         self.counters = Counters()
 
     @property
@@ -67,7 +74,9 @@ class Service:
         return f"{self.localizer.spec.version}-{self.localizer.session.sha256[:12]}"
 
     def model_info(self) -> dict[str, Any]:
-        return {**self.localizer.session.info(), "alias": self.alias}
+        """Name, version, hash, providers and card of the served model (never its path on the worker's disk)."""
+        info = {k: v for k, v in self.localizer.session.info().items() if k != "path"}
+        return {**info, "alias": self.alias}
 
     # -- single payloads ----------------------------------------------------------------------
     def predict(self, payload: RawPayload, *, task_id: str | None, sent_at_s: float | None = None) -> dict[str, Any]:
@@ -92,8 +101,10 @@ class Service:
         for i, r in enumerate(requests):
             try:
                 decoded.append((i, self._decode_or_record(r.payload, r.task_id, digest=self.cache is not None)))
-            except Exception as exc:  # PayloadError (recorded), TransientError (an iq_ref store down), or a bug
-                out[i] = self._own_failure(exc, r.task_id)
+            except self.interrupts:
+                raise
+            except Exception as exc:  # PayloadError (recorded), TransientError (an iq_ref store or the database
+                out[i] = self._own_failure(exc, r.task_id)  # down while recording), or a bug
         decode_ms = (time.time() - t0) * 1e3 / max(1, len(requests))
         misses: list[tuple[int, DecodedPayload]] = []
         for (i, d), hit in zip(decoded, self._cached([d for _, d in decoded], [requests[i].task_id for i, _ in decoded])):
@@ -113,7 +124,10 @@ class Service:
                     f["timings_ms"]["queue"] = round(max(0.0, t0 - r.sent_at_s) * 1e3, 3)
         slots = [i for i, f in enumerate(out) if isinstance(f, dict)]
         if slots:
-            for i, failure in zip(slots, self._store([out[i] for i in slots])):  # type: ignore[misc]
+            digests = {i: d.digest for i, d in decoded}
+            for i, failure in zip(slots, self._store([out[i] for i in slots],  # type: ignore[misc]
+                                                     [digests.get(i, "") for i in slots],
+                                                     [requests[i].payload for i in slots])):
                 if failure is not None:
                     out[i] = failure
         if misses:  # only what was stored is cached: a refused fix is not served again from the cache
@@ -132,6 +146,8 @@ class Service:
         a payload that breaks the model fails by itself."""
         try:
             return list(self.localizer.fixes(decoded, decode_ms=decode_ms, task_ids=task_ids, alias=self.alias))
+        except self.interrupts:
+            raise
         except Exception as exc:
             if len(decoded) == 1:
                 return [self._own_failure(exc, task_ids[0])]
@@ -141,6 +157,8 @@ class Service:
             try:
                 out.append(self.localizer.fixes([d], decode_ms=decode_ms / len(decoded), task_ids=[task_id],
                                                 alias=self.alias)[0])
+            except self.interrupts:
+                raise
             except Exception as exc:
                 out.append(self._own_failure(exc, task_id))
         return out
@@ -152,17 +170,19 @@ class Service:
             log.error("request %s failed on a server fault", task_id, exc_info=exc)
         return exc
 
-    def _decode_or_record(self, payload: RawPayload, task_id: str | None, *, digest: bool = True) -> DecodedPayload:
+    def _decode_or_record(self, payload: RawPayload, task_id: str | None, *, digest: bool = True,
+                          key: str | None = None) -> DecodedPayload:
+        """Decode; a PayloadError is recorded first (TransientError if the database is down: the task
+        retries, and records it once the database is back)."""
         try:
             return self.localizer.decode(payload, digest=digest)
         except PayloadError as exc:
-            self._reject(exc, payload, task_id)
+            self._reject(exc, payload, task_id, key)
             raise
 
-    def _reject(self, exc: PayloadError, payload: RawPayload, task_id: str | None) -> None:
-        self.counters.rejected[exc.code] = self.counters.rejected.get(exc.code, 0) + 1
-        if self.metrics is not None:
-            self.metrics.rejections.labels(code=exc.code).inc()
+    def _reject(self, exc: PayloadError, payload: RawPayload, task_id: str | None, key: str | None = None) -> None:
+        """Record one rejection (once per request and code). A refused row is logged, never a crash;
+        an unreachable database raises TransientError."""
         receivers, request_id = [], None
         if isinstance(payload, dict):
             rid = payload.get("request_id")
@@ -171,11 +191,15 @@ class Service:
             if isinstance(recs, list):
                 receivers = [r["id"][:64] for r in recs[:16] if isinstance(r, dict) and isinstance(r.get("id"), str)]
         size = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else exc.context.get("size_bytes")
+        row = rejection_row(exc.to_dict(), task_id=task_id, request_id=request_id, receivers=receivers,
+                            size_bytes=size, key=request_id or key)
         try:
-            self.store.write_rejections([rejection_row(exc.to_dict(), task_id=task_id, request_id=request_id,
-                                                       receivers=receivers, size_bytes=size)])
-        except Exception:  # recording must not turn a clean rejection into a crash
+            self.store.write_rejections([row])
+        except StorageError:  # a row the database refuses for good must not turn a clean rejection into a crash
             log.exception("could not record a rejected payload (%s)", exc.code)
+        self.counters.rejected[exc.code] = self.counters.rejected.get(exc.code, 0) + 1
+        if self.metrics is not None:
+            self.metrics.rejections.labels(code=exc.code).inc()
 
     def _cached(self, decoded: Sequence[DecodedPayload], task_ids: Sequence[str | None]) -> list[dict[str, Any] | None]:
         """Cached fixes for the payloads that allow it (one round trip), None for the others."""
@@ -203,18 +227,22 @@ class Service:
         if self.cache is not None:
             self.cache.put_many(self.model_version, [(d.digest, fix) for d, fix in computed if d.options.cache])
 
-    def _store(self, fixes: list[dict[str, Any]]) -> list[StorageError | None]:
-        """Store the fixes in one transaction; each slot's StorageError if the database refused its row.
+    def _store(self, fixes: list[dict[str, Any]], digests: Sequence[str],
+               payloads: Sequence[RawPayload]) -> list[HeimdallError | None]:
+        """Store the fixes in one transaction; each slot's failure: StorageError if the database refused
+        its row, PayloadError ``conflict`` (recorded) if its request id is stored with other IQ.
 
         A refused batch is written again row by row (idempotent), so one bad row fails alone. An
         unreachable database raises TransientError for all of them.
         """
         t0 = time.perf_counter()
-        rows = [fix_row(f) for f in fixes]
-        failures: list[StorageError | None] = [None] * len(rows)
+        rows = [fix_row(f, d) for f, d in zip(fixes, digests)]
+        failures: list[HeimdallError | None] = [None] * len(rows)
+        conflicts: set[int] = set()
         try:
             try:
-                new = self.store.write_fixes(rows)
+                done = self.store.write_fixes(rows)
+                new, conflicts = done.new, set(done.conflicts)
             except StorageError as exc:
                 if len(rows) == 1:
                     failures, new = [exc], 0
@@ -223,15 +251,20 @@ class Service:
                     new = 0
                     for k, row in enumerate(rows):
                         try:
-                            new += self.store.write_fixes([row])
+                            one = self.store.write_fixes([row])
+                            new += one.new
+                            if one.conflicts:
+                                conflicts.add(k)
                         except StorageError as row_exc:
                             failures[k] = row_exc
+            for k in sorted(conflicts):
+                failures[k] = self._conflict(fixes[k], payloads[k])
         except TransientError:
             if self.metrics is not None:
                 self.metrics.store_errors.inc()
             raise
         for failure, row in zip(failures, rows):
-            if failure is not None:
+            if isinstance(failure, StorageError):
                 log.error("the database refused the fix of %s: %s", row["fix_key"], failure)
         stored = len(rows) - sum(f is not None for f in failures)
         self.counters.stored_new += new
@@ -241,6 +274,14 @@ class Service:
             if failure is None:
                 f["timings_ms"]["store"] = round(ms, 3)
         return failures
+
+    def _conflict(self, fix: dict[str, Any], payload: RawPayload) -> PayloadError:
+        """The producer reused a request id for other IQ: a typed error, recorded like any rejection."""
+        exc = PayloadError(PayloadCode.CONFLICT, f"request_id {fix['request_id']!r} is already stored for captured_at "
+                           f"{fix['captured_at']} with other receivers or IQ; a new payload needs a new request_id",
+                           "request_id")
+        self._reject(exc, payload, fix.get("task_id"))
+        return exc
 
     # -- chunks ---------------------------------------------------------------------------------
     def predict_chunk(self, payloads: Sequence[RawPayload], *, task_id: str | None,
@@ -256,29 +297,31 @@ class Service:
         where: list[int] = []  #: index in the chunk of each decoded payload
         errors: list[dict[str, Any]] = []
         for i, p in enumerate(payloads):
+            key = f"{task_id}:{offset + i}" if task_id else None
             try:
-                decoded.append(self._decode_or_record(p, task_id, digest=False))  # chunks skip the cache
-                keys.append(f"{task_id}:{offset + i}" if task_id else None)
+                decoded.append(self._decode_or_record(p, task_id, digest=False, key=key))  # chunks skip the cache
+                keys.append(key)
                 where.append(i)
             except PayloadError as exc:
                 errors.append({"index": offset + i, **exc.to_dict()})
-            except TransientError:
-                raise  # an iq_ref store down: the chunk task retries (idempotent keys)
+            except (TransientError, *self.interrupts):
+                raise  # an iq_ref store or the database down, a time limit: the chunk task retries (idempotent keys)
             except Exception as exc:  # a server fault on this payload: its own error entry
-                self._own_failure(exc, f"{task_id}:{offset + i}")
-                errors.append({"index": offset + i, "code": "internal_error", "error": type(exc).__name__,
-                               "message": str(exc)[:300]})
+                self._own_failure(exc, key)
+                errors.append(_internal_error(offset + i, exc))
         t1 = time.perf_counter()
         outcomes = self._locate(decoded, (t1 - t0) * 1e3, keys)
         t2 = time.perf_counter()
         computed = [(i, o) for i, o in zip(where, outcomes) if isinstance(o, dict)]
         failed: list[tuple[int, Exception]] = [(i, o) for i, o in zip(where, outcomes) if not isinstance(o, dict)]
-        failures = self._store([f for _, f in computed]) if computed else []
+        digests = [d.digest for d, o in zip(decoded, outcomes) if isinstance(o, dict)]
+        failures = self._store([f for _, f in computed], digests, [payloads[i] for i, _ in computed]) \
+            if computed else []
         failed += [(i, e) for (i, _), e in zip(computed, failures) if e is not None]
         fixes = [f for (_, f), e in zip(computed, failures) if e is None]
-        for i, exc in failed:  # server faults of single payloads: not the producer's, not the neighbours'
-            errors.append({"index": offset + i, "code": "internal_error", "error": type(exc).__name__,
-                           "message": str(exc)[:300]})
+        for i, exc in failed:  # a conflict is the producer's; server faults of single payloads are not the neighbours'
+            errors.append({"index": offset + i, **exc.to_dict()} if isinstance(exc, PayloadError)
+                          else _internal_error(offset + i, exc))
         errors.sort(key=lambda e: e["index"])
         t3 = time.perf_counter()
         self.counters.fixes += len(fixes)
@@ -292,6 +335,11 @@ class Service:
         self.store.close()
         if self.cache is not None:
             self.cache.close()
+
+
+def _internal_error(index: int, exc: Exception) -> dict[str, Any]:
+    """A chunk's error entry for a server fault on one payload (never presented as the producer's)."""
+    return {"index": index, "code": "internal_error", "error": type(exc).__name__, "message": str(exc)[:300]}
 
 
 def summarize(chunks: Sequence[dict[str, Any]]) -> dict[str, Any]:

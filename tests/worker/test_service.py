@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from heimdall_inference.errors import PayloadError, StorageError, TransientError
+from heimdall_inference.errors import PayloadCode, PayloadError, StorageError, TransientError
 from heimdall_inference.worker.service import Service, summarize
 from heimdall_inference.store import MemoryStore
 
@@ -75,20 +75,71 @@ class _FailingStore(MemoryStore):
         raise self.exc
 
 
-def test_store_failures_surface_and_rejection_recording_never_crashes(localizer, scenes_and_payloads):
+def test_store_failures_surface_and_a_rejection_waits_for_the_database(localizer, scenes_and_payloads):
     svc = Service(localizer, _FailingStore(TransientError("db down")))
     with pytest.raises(TransientError):
         svc.predict(scenes_and_payloads[1][0], task_id="x")
-    with pytest.raises(PayloadError):  # the rejection could not be recorded, the error is still clean
+    with pytest.raises(TransientError):  # not recorded yet: the task retries, and records it once the database is back
         svc.predict({"schema": "nope"}, task_id="y")
+    svc.store = MemoryStore()
+    for _ in range(2):  # the retry, then a redelivery: one row
+        with pytest.raises(PayloadError):
+            svc.predict({"schema": "nope"}, task_id="y")
+    assert svc.store.count_rejections() == 1
     svc = Service(localizer, _FailingStore(StorageError("constraint")))
     with pytest.raises(StorageError):
         svc.predict(scenes_and_payloads[1][0], task_id="x")
+    with pytest.raises(PayloadError):  # a rejection row the database refuses for good: the error is still clean
+        svc.predict({"schema": "nope"}, task_id="y")
+
+
+def test_a_request_id_reused_for_other_iq_is_a_recorded_conflict(localizer, scenes_and_payloads):
+    """It used to return SUCCESS and store nothing."""
+    store = MemoryStore()
+    svc = Service(localizer, store)
+    docs = scenes_and_payloads[1]
+    first = {**copy.deepcopy(docs[0]), "request_id": "reused"}
+    svc.predict(first, task_id="t1")
+    svc.predict(copy.deepcopy(first), task_id="t2")  # the same payload again: a duplicate, fine
+    other = {**copy.deepcopy(docs[1]), "request_id": "reused", "captured_at": first["captured_at"]}
+    for task_id in ("t3", "t3"):  # redelivered: one rejection row
+        with pytest.raises(PayloadError) as err:
+            svc.predict(other, task_id=task_id)
+        assert err.value.code == PayloadCode.CONFLICT and err.value.field == "request_id"
+    assert store.count_fixes() == 1 and [r["code"] for r in store.rejections] == ["conflict"]
+    summary = svc.predict_chunk([copy.deepcopy(other), copy.deepcopy(docs[2])], task_id="c", offset=5)
+    assert summary["fixes"] == 1 and [(e["index"], e["code"]) for e in summary["errors"]] == [(5, "conflict")]
+
+
+class _Interrupt(Exception):
+    """Stands in for Celery's SoftTimeLimitExceeded (an Exception subclass)."""
+
+
+@pytest.mark.parametrize("where", ["decode", "locate", "store", "reject"])
+def test_an_interrupt_ends_the_pass_and_is_never_one_requests_outcome(localizer, scenes_and_payloads, monkeypatch,
+                                                                        where):
+    store = MemoryStore()
+    svc = Service(localizer, store, interrupts=(_Interrupt,))
+
+    def boom(*a, **k):
+        raise _Interrupt("soft time limit")
+
+    target = {"decode": (localizer, "decode"), "locate": (localizer, "fixes"), "store": (store, "write_fixes"),
+              "reject": (store, "write_rejections")}[where]
+    monkeypatch.setattr(*target, boom)
+    reqs = _requests(scenes_and_payloads[1][:3])
+    if where == "reject":
+        reqs[1] = type(reqs[1])({"schema": "nope"}, "bad")
+    with pytest.raises(_Interrupt):
+        svc.predict_requests(reqs)
+    with pytest.raises(_Interrupt):
+        svc.predict_chunk([r.payload for r in reqs], task_id="c")
 
 
 def test_model_info_and_cache_key(service, spec, localizer):
     info = service.model_info()
     assert info["alias"] == "production" and info["version"] == spec.version
+    assert "path" not in info and "/" not in str(info.get("sha256"))  # no file path of the worker's disk
     # the cache key names the model file, not only its version string
     assert service.model_version == f"{spec.version}-{localizer.session.sha256[:12]}"
 

@@ -7,6 +7,11 @@
 
 Payloads are ``heimdall.iq/v1`` dicts (base64 arrays, JSON) or dicts with raw bytes (msgpack).
 A producer that is not Python publishes the same Celery message (see the README).
+
+Publishing waits for the broker's confirm and retries across a broker restart or the loss of a
+cluster node for about 30 s (``task_publish_retry_policy``); then :class:`BrokerUnavailable` says
+nothing was sent. When the result backend (Redis) is down, publishing still works and the fix still
+reaches the database; waiting for the result raises :class:`ResultUnavailable` at once.
 """
 
 from __future__ import annotations
@@ -15,12 +20,15 @@ import time
 from typing import Any
 
 from celery.result import AsyncResult
+from kombu.exceptions import OperationalError
 
+from .errors import BrokerUnavailable, ResultUnavailable
 from .worker.batching import SENT_AT_HEADER
+from .worker.result_backend import result_unreadable
 from .worker.tasks import batch_signature
 from .worker.tasks import predict as predict_task
 
-__all__ = ["submit", "predict", "predict_batch", "serializer_for", "payload_repr"]
+__all__ = ["submit", "wait", "predict", "predict_batch", "serializer_for", "payload_repr"]
 
 
 def serializer_for(payload: Any) -> str:
@@ -38,11 +46,27 @@ def serializer_for(payload: Any) -> str:
 
 
 def submit(payload: dict[str, Any] | bytes, *, task_id: str | None = None, **options: Any) -> AsyncResult:
-    """Publish one ``heimdall.predict`` task; returns its AsyncResult."""
+    """Publish one ``heimdall.predict`` task (confirmed by the broker); returns its AsyncResult.
+
+    Raises :class:`BrokerUnavailable` when the broker cannot be reached after the retries."""
     headers = {SENT_AT_HEADER: time.time(), **options.pop("headers", {})}
     options.setdefault("argsrepr", payload_repr(payload))
-    return predict_task.apply_async((payload,), task_id=task_id, serializer=options.pop("serializer", None)
-                                    or serializer_for(payload), headers=headers, **options)
+    try:
+        return predict_task.apply_async((payload,), task_id=task_id, serializer=options.pop("serializer", None)
+                                        or serializer_for(payload), headers=headers, **options)
+    except OperationalError as exc:
+        raise BrokerUnavailable(f"the task was not published: {exc}") from exc
+
+
+def wait(result: AsyncResult, *, timeout_s: float = 30.0) -> Any:
+    """The task's return value (or its error raised here); :class:`ResultUnavailable` at once when the
+    result backend does not answer (the fix is still stored in the database)."""
+    try:
+        return result.get(timeout=timeout_s, propagate=True)
+    except Exception as exc:
+        if result_unreadable(exc, result.backend):
+            raise ResultUnavailable(f"the result of task {result.id} cannot be read now: {exc}") from exc
+        raise
 
 
 def payload_repr(payload: Any) -> str:
@@ -60,8 +84,8 @@ def payload_repr(payload: Any) -> str:
 
 
 def predict(payload: dict[str, Any] | bytes, *, timeout_s: float = 30.0) -> dict[str, Any]:
-    """Publish and wait: the fix, or the task's PayloadError raised here."""
-    return submit(payload).get(timeout=timeout_s, propagate=True)
+    """Publish and wait: the fix, or the task's PayloadError raised here (see :func:`wait`)."""
+    return wait(submit(payload), timeout_s=timeout_s)
 
 
 def predict_batch(payloads: list[Any], *, chunk_size: int = 64, timeout_s: float = 600.0,

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
 
-__all__ = ["Settings", "ENV_PREFIX", "process_settings", "set_process_settings"]
+__all__ = ["Settings", "ENV_PREFIX", "process_settings", "set_process_settings", "redact_url"]
 
 ENV_PREFIX = "HEIMDALL_"
 _RABBITMQ_CONSUMER_TIMEOUT_S = 30 * 60  #: RabbitMQ's default consumer_timeout: a task must end well before it
@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     db_pool_max: int = Field(4, ge=1, le=100)  #: PostgreSQL connections per worker child
     db_schema: str = Field("public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")  #: schema of predictions and rejections
     db_retry_max: int = Field(40, ge=0, le=1000)  #: task retries (backoff 1 s doubling, capped at 60 s) while the database is unreachable
+    #: a statement (e.g. an insert waiting on a locked table) is cancelled after this long and the write retried;
+    #: 0 = no limit. Keep it below the soft time limit, so that a slow database is a retry, not a time limit
+    db_statement_timeout_ms: int = Field(10_000, ge=0, le=3_600_000)
+    #: db init: use TimescaleDB where it works ("auto"), require it ("on"), or a plain table ("off")
+    timescaledb: Literal["auto", "on", "off"] = "auto"
     #: prefix of every Redis key (cache and task results); "" or ending in ":", "_", "-" or "." (Celery would
     #: otherwise add "_" to the results' keys and they would not be where the documentation says)
     redis_key_prefix: str = Field("heimdall:", max_length=128, pattern=r"^(|.*[:_.-])$")
@@ -112,9 +117,12 @@ class Settings(BaseSettings):
         return {k: _redact(v) if isinstance(v, str) else v for k, v in self.model_dump().items()}
 
 
-def _redact(text: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://user:***@host``."""
+def redact_url(text: str) -> str:
+    """``scheme://user:password@host`` -> ``scheme://user:***@host`` (also ``scheme://:password@host``)."""
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", text)
+
+
+_redact = redact_url
 
 
 def _describe(exc: ValidationError, *, from_env: set[str]) -> str:

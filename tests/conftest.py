@@ -93,3 +93,10 @@ def live_worker(live_session, tmp_path_factory):
         yield worker
     finally:
         worker.stop()
+
+
+def pytest_terminal_summary(terminalreporter):
+    from .live import REPORT_LINES
+
+    for line in REPORT_LINES:
+        terminalreporter.write_line(line)

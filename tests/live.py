@@ -109,3 +109,12 @@ def isolated_worker(tag: str, log_path, *, stop_timeout_s: float = 30.0, pool: s
         configure_app(Settings.from_env())
         store.close()
         drop_live(servers)
+
+
+REPORT_LINES: list[str] = []
+"""Lines the test run prints at its end (pytest_terminal_summary in conftest): e.g. which storage
+branch the store tests ran on."""
+
+
+def report_line(text: str) -> None:
+    REPORT_LINES.append(text)

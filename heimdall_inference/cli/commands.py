@@ -177,7 +177,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from ..client import submit
+    from ..client import submit, wait
     from ..core.codec import loads_raw
     from ..errors import PayloadError
 
@@ -185,7 +185,7 @@ def _submit(args: argparse.Namespace) -> int:
     pending = [(f, submit(loads_raw(f.read_bytes(), 64 * 1024 * 1024))) for f in args.files]
     for f, res in pending:
         try:
-            print(json.dumps(res.get(timeout=args.timeout_s)))
+            print(json.dumps(wait(res, timeout_s=args.timeout_s)))
         except PayloadError as exc:
             print(json.dumps({"file": str(f), "task_id": res.id, "error": exc.to_dict()}))
             status = 2
@@ -193,15 +193,22 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _db(args: argparse.Namespace) -> int:
+    import logging
+
     from ..settings import process_settings
     from ..store import open_store
 
+    # the pool's own warnings (one per failed connection attempt) would bury the one line below
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     s = process_settings()
     store = open_store(s.database_url, schema=s.db_schema)
     try:
-        print(json.dumps(store.init_schema()))
+        report = store.init_schema(timescaledb=s.timescaledb)
     finally:
         store.close()
+    print(json.dumps(report))
+    if report.get("timescaledb_note"):
+        print(f"heimdall-inference: {report['timescaledb_note']}", file=sys.stderr)
     return 0
 
 
@@ -221,7 +228,9 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from ..errors import ConfigError
+    """Run one command. An expected failure (a bad setting, an unreachable or refusing server, a model
+    that cannot load) is one line on stderr and exit status 2 (config) or 1, never a traceback."""
+    from ..errors import ConfigError, HeimdallError
 
     args = _parser().parse_args(argv)
     handler = {"simulate": _simulate, "predict": _predict, "evaluate": _evaluate, "bench": _bench,
@@ -231,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:  # a bad HEIMDALL_* variable: one line, not a traceback
         print(f"heimdall-inference: {exc}", file=sys.stderr)
         return 2
+    except HeimdallError as exc:  # a server down or refusing, a model that cannot be used
+        print(f"heimdall-inference {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

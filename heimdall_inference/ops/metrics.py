@@ -58,6 +58,8 @@ class ServiceMetrics:
         self.rejections = Counter("heimdall_rejections", "Payloads rejected, by error code", ["code"], registry=reg)
         self.cache = Counter("heimdall_cache_requests", "Prediction cache lookups", ["result"], registry=reg)
         self.store_errors = Counter("heimdall_store_errors", "Database writes that failed (retried)", registry=reg)
+        self.results_unwritten = Counter("heimdall_results_unwritten", "Task results not written because the result "
+                                         "backend did not answer (their fixes are stored)", registry=reg)
         self.stage = Histogram("heimdall_stage_seconds", "Time per fix in each stage", ["stage"],
                                buckets=_STAGE_BUCKETS_S, registry=reg)
         self.batch = Histogram("heimdall_batch_size", "heimdall.predict requests handled in one pass",

@@ -2,9 +2,10 @@
 
 The payload digest covers receiver ids, encodings, gains and IQ bytes; the model version is part
 of the key, so a new model never serves a stale fix. The cache is an optimisation: a Redis error
-is a miss, never a failed task, and it opens a :class:`~heimdall_inference.ops.breaker.Breaker`
-(5 s, doubling up to 60 s) so that an unreachable, unresolvable or hanging cache costs one failed
-attempt per interval, not one per request. Each attempt is a single try with short timeouts.
+is a miss, never a failed task, and it opens a :class:`~heimdall_inference.ops.breaker.Breaker`: the
+cache is skipped while a PING (every 5 s, doubling up to 60 s, in the breaker's own thread) gets no
+answer, so an unreachable, unresolvable or hanging cache costs one failed lookup per outage, not
+one per request. Each call is a single try with short timeouts.
 """
 
 from __future__ import annotations
@@ -34,7 +35,8 @@ class FixCache:
                                            retry=Retry(NoBackoff(), 0))
         self.ttl_s = ttl_s
         self.prefix = prefix
-        self.breaker = breaker or Breaker("the prediction cache (Redis)", base_s=5.0, max_s=60.0)
+        self.breaker = breaker or Breaker("the prediction cache (Redis)", base_s=5.0, max_s=60.0,
+                                          probe=lambda: self.client.ping())
         self.hits = 0
         self.misses = 0
         self.errors = 0  #: failed calls (each opened the breaker)

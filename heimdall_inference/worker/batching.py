@@ -20,8 +20,15 @@ acknowledged after its row is committed).
 
 A batch that fails as a whole (its child was killed, or hit the hard time limit) is not failed as
 a whole: each of its requests is run again alone, so that a poison message meets the single-task
-treatment (redelivery, then ``heimdall.dead``) and its neighbours are unaffected. Messages with
-an ETA (retries) and other pools keep Celery's default path.
+treatment (redelivery, then ``heimdall.dead``) and its neighbours are unaffected. A soft time limit
+during the batch's pass is a server fault: every request of the pass is retried with backoff (its
+writes are idempotent), never acknowledged with its work lost. Messages with an ETA (retries) and
+other pools keep Celery's default path.
+
+Requests waiting in the batcher follow Celery's own reserved requests: when the broker connection is
+lost Celery forgets its reserved requests (the broker redelivers their messages), and the batcher
+drops the waiting ones it no longer reserves; once a shutdown has begun it starts nothing new, and
+the waiting messages go back to the broker unacknowledged.
 
 What this needs from Celery's internals (the strategy, the tracer, a request's raw arguments, the
 pool's callbacks) comes from :mod:`.celery_internals`, behind its version check.
@@ -33,6 +40,9 @@ import logging
 from collections import deque
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
+from ..errors import TransientError
 from . import celery_internals as internals
 
 __all__ = ["PoolBatcher", "strategy", "run_batch", "take_precomputed", "sent_at_s", "MISSING", "SENT_AT_HEADER"]
@@ -58,6 +68,12 @@ def sent_at_s(request: dict[str, Any]) -> float | None:
         return float(v) if v is not None else None
     except (TypeError, ValueError):
         return None
+
+
+def _retry_error(exc: BaseException) -> TransientError:
+    err = TransientError("the micro-batch reached the soft time limit; retried")
+    err.__cause__ = exc
+    return err
 
 
 def run_batch(items: list[tuple]) -> list[Any]:
@@ -98,6 +114,9 @@ def run_batch(items: list[tuple]) -> list[Any]:
     if requests:
         try:
             outcomes: list[Any] = list(current_service().predict_requests(requests))
+        except SoftTimeLimitExceeded as exc:  # the pass, not a request, ran out of time: each one retries
+            log.warning("a micro-batch of %d reached the soft time limit; each request is retried", len(requests))
+            outcomes = [_retry_error(exc) for _ in requests]
         except Exception as exc:  # a store or model failure: every request gets it (TransientError retries)
             outcomes = [exc] * len(requests)
         _precomputed.update(zip(batched, outcomes))
@@ -129,9 +148,13 @@ class PoolBatcher:
         self.pump()
 
     def pump(self) -> None:
+        """Send waiting requests while a child is free; never once a shutdown has begun."""
+        if internals.shutdown_started():
+            return  # the waiting messages stay unacknowledged: the broker gives them to the next worker
         while self.waiting and self.in_flight < self.slots:
             batch = [self.waiting.popleft() for _ in range(min(self.batch_max, len(self.waiting)))]
-            batch = [r for r in batch if not internals.is_revoked(r)]
+            # a request Celery no longer reserves was dropped with its connection (the broker redelivers it)
+            batch = [r for r in batch if internals.is_reserved(r) and not internals.is_revoked(r)]
             if batch:
                 self._send(internals.BatchRequests(batch))
 

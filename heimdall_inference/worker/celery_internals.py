@@ -10,8 +10,9 @@ The service needs a few things those libraries do not offer as public API:
   ``trace_task_ret``); the prefork pool's ``apply_async`` with its accept/timeout/result callbacks,
   and the worker Request's side of them (``on_accepted``, ``on_timeout``, ``on_success``,
   ``on_failure``, ``execute_using_pool``, ``time_limits``, ``revoked``);
-* **batched result writes** (:mod:`.result_backend`): ``RedisBackend._store_result`` and
-  ``Backend._get_result_meta``;
+* **batched and guarded result writes** (:mod:`.result_backend`): ``RedisBackend._store_result``,
+  ``Backend._get_result_meta``, and what Celery's Redis ResultConsumer raises when it gives up
+  reconnecting (a RuntimeError caused by the connection error);
 * **atomic publishes on the filesystem transport** (:mod:`.fs_transport`): ``Channel._put``;
 * **re-pointing a producer's app** (:func:`reset_producer_state`): ``Celery._pool``,
   ``_backend_cache``, ``_local`` and the cached ``amqp`` property.
@@ -38,16 +39,19 @@ import celery
 import kombu
 from celery import bootsteps
 from celery.backends.redis import RedisBackend
+from celery.backends.redis import ResultConsumer as RedisResultConsumer
 from kombu.transport import filesystem
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps
 
 from ..errors import ConfigError
+from .guard import usable_task_id
 
 __all__ = ["TESTED_VERSIONS", "installed_versions", "check_versions", "VersionGuard",
            "default_strategy", "is_prefork_pool", "trace_args", "tracer", "apply_to_pool", "ConsumerView",
-           "BatchRequests", "is_revoked", "run_alone", "guarded",
-           "RedisBackendWithWriteHook", "AtomicFilesystemChannel", "reset_producer_state"]
+           "BatchRequests", "is_revoked", "is_reserved", "shutdown_started", "run_alone", "guarded",
+           "TolerantResultConsumer", "RedisBackendWithWriteHook", "is_result_consumer_failure", "AtomicFilesystemChannel",
+           "reset_producer_state"]
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +119,7 @@ def guarded(handler: Callable[..., Any], *, app: Any, consumer: Any,
         headers = message.headers if isinstance(message.headers, dict) else {}
         task_id, name = headers.get("id"), headers.get("task")
         log.warning("refused %s[%s] before it reached a child: %s", name, task_id, error)
-        if isinstance(task_id, str) and task_id:
+        if usable_task_id(task_id):
             try:
                 app.backend.mark_as_failure(task_id, error)
             except Exception:  # the refusal stands (dead letter) even when the result cannot be stored
@@ -167,6 +171,22 @@ def apply_to_pool(pool: Any, fn: Callable[..., Any], args: tuple, *, on_accepted
 def is_revoked(request: Any) -> bool:
     """Has this worker Request been revoked (or expired) meanwhile?"""
     return bool(request.revoked())
+
+
+def is_reserved(request: Any) -> bool:
+    """Is this worker Request still one of the consumer's reserved requests? Celery's ``Consumer.on_close``
+    forgets the reserved requests of a lost connection (their delivery tags died with its channel)."""
+    from celery.worker.state import reserved_requests
+
+    return request in reserved_requests
+
+
+def shutdown_started() -> bool:
+    """Has a warm or cold shutdown of this worker begun? Read as ``celery.worker.state.maybe_shutdown`` does
+    (``should_stop`` 0 is a set flag: a warm exit code)."""
+    from celery.worker import state
+
+    return any(flag is not None and flag is not False for flag in (state.should_stop, state.should_terminate))
 
 
 def run_alone(request: Any, pool: Any) -> None:
@@ -224,12 +244,34 @@ class ConsumerView:
 
 # -- result writes ---------------------------------------------------------------------------------------
 
+class TolerantResultConsumer(RedisResultConsumer):
+    """Celery's Redis ResultConsumer, except that dropping a result object never raises.
+
+    ``AsyncResult.__del__`` unsubscribes from the result's channel; with Redis down Celery's consumer
+    raises RuntimeError there ("Exception ignored in __del__" for every dropped result). The channel
+    died with the connection, and the key has already left ``subscribed_to`` (a reconnect will not
+    subscribe to it again), so there is nothing left to undo.
+    """
+
+    def cancel_for(self, task_id: str) -> None:
+        try:
+            super().cancel_for(task_id)
+        except RuntimeError as exc:
+            if not isinstance(exc.__cause__, self._connection_errors):
+                raise
+        except self._connection_errors:
+            pass
+
+
 class RedisBackendWithWriteHook(RedisBackend):
-    """Celery's RedisBackend with one seam: a subclass may take a result write instead of Redis.
+    """Celery's RedisBackend with two seams: a subclass may take a result write instead of Redis
+    (:meth:`divert_write`), and it sees every write that does go to Redis (:meth:`write_through`).
 
     :meth:`divert_write` gets the task id, the result document Celery would store (``meta``) and
     the state; returning True means the subclass took it and Celery writes nothing now.
     """
+
+    ResultConsumer = TolerantResultConsumer
 
     def divert_write(self, task_id: str, meta: dict[str, Any], state: str) -> bool:
         return False
@@ -238,6 +280,10 @@ class RedisBackendWithWriteHook(RedisBackend):
         """Should this thread's result writes go to :meth:`divert_write` (cheap check first)?"""
         return False
 
+    def write_through(self, write: Callable[[], Any], *, count: int = 1) -> Any:
+        """Run ``write()``, which sends ``count`` results to Redis (a subclass may guard it)."""
+        return write()
+
     def _store_result(self, task_id: Any, result: Any, state: str, traceback: Any = None, request: Any = None,
                       **kwargs: Any) -> Any:
         if self.wants_writes():
@@ -245,7 +291,37 @@ class RedisBackendWithWriteHook(RedisBackend):
             meta["task_id"] = bytes_to_str(task_id)
             if self.divert_write(meta["task_id"], meta, state):
                 return result
-        return super()._store_result(task_id, result, state, traceback=traceback, request=request, **kwargs)
+        return self.write_through(lambda: super(RedisBackendWithWriteHook, self)._store_result(
+            task_id, result, state, traceback=traceback, request=request, **kwargs))
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        """A producer subscribes to the task's result before publishing (Celery's ResultConsumer);
+        :meth:`subscribe_failed` decides what a Redis outage there does (Celery: no publish at all)."""
+        try:
+            super().on_task_call(producer, task_id)
+        except RuntimeError as exc:  # the ResultConsumer gave up reconnecting (E_RETRY_LIMIT_EXCEEDED)
+            if not isinstance(exc.__cause__, self.connection_errors):
+                raise
+            self.subscribe_failed(exc)
+        except self.connection_errors as exc:
+            self.subscribe_failed(exc)
+        else:
+            self.subscribe_succeeded()
+
+    def subscribe_failed(self, exc: BaseException) -> None:
+        raise exc
+
+    def subscribe_succeeded(self) -> None:
+        pass
+
+
+def is_result_consumer_failure(exc: BaseException, backend: Any) -> bool:
+    """Did reading a result fail because the Redis result backend does not answer? (Celery raises
+    RuntimeError(E_RETRY_LIMIT_EXCEEDED) from the connection error once its ResultConsumer gives up.)"""
+    errors = getattr(backend, "connection_errors", ())
+    if isinstance(exc, RuntimeError) and exc.__cause__ is not None:
+        return isinstance(exc.__cause__, errors)
+    return bool(errors) and isinstance(exc, errors)
 
 
 # -- the embedded transport ---------------------------------------------------------------------------------

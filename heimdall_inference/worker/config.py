@@ -39,6 +39,12 @@ def build(s: Settings) -> dict[str, Any]:
         worker_prefetch_multiplier=s.prefetch_multiplier,
         # Keep retrying the broker at start-up (compose starts RabbitMQ and the workers together).
         broker_connection_retry_on_startup=True,
+        # A producer keeps trying to publish across a broker restart or a cluster node's loss for about
+        # 30 s (reconnecting, to the next URL of a list), instead of Celery's ~1 s; then client.submit
+        # raises BrokerUnavailable. A publish retried after a lost confirm may arrive twice: same task id,
+        # idempotent rows.
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 30, "interval_start": 0, "interval_step": 0.5, "interval_max": 1.0},
         # Far below RabbitMQ's consumer_timeout (30 min): a stuck task is killed and redelivered.
         task_soft_time_limit=s.task_soft_time_limit_s,
         task_time_limit=s.task_time_limit_s,
@@ -76,8 +82,17 @@ def build(s: Settings) -> dict[str, Any]:
         # Celery's Redis backend, whose writes for a micro-batch of predict tasks go in one round
         # trip (worker/result_backend.py); anything else it does exactly as Celery's.
         conf["result_backend"] = "heimdall_inference.worker.result_backend:DeferredRedisBackend+" + s.result_backend
-        # One key prefix for everything this deployment keeps in Redis (results and the cache).
-        conf["result_backend_transport_options"] = {"global_keyprefix": s.redis_key_prefix}
+        # One key prefix for everything this deployment keeps in Redis (results and the cache). A failed
+        # result write is tried once more, then dropped and counted (worker/result_backend.py): Celery's
+        # default (20 tries, 1 s apart) held a child, and then the main process, 20 s per result while
+        # Redis was down, and fixes stopped reaching the database.
+        conf["result_backend_transport_options"] = {
+            "global_keyprefix": s.redis_key_prefix,
+            "retry_policy": {"max_retries": 1, "interval_start": 0.2, "interval_step": 0.2, "interval_max": 0.2}}
+        # Celery's default socket timeout is 120 s: a Redis that accepts and never answers would hold a
+        # child that long per result.
+        conf["redis_socket_timeout"] = 2.0
+        conf["redis_socket_connect_timeout"] = 1.0
     if s.result_backend.startswith("file://"):  # the embedded default's result folder must exist
         Path(s.result_backend.removeprefix("file://")).mkdir(parents=True, exist_ok=True)
     if amqp:

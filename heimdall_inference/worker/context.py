@@ -21,6 +21,8 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from ..core.localizer import Localizer
 from ..core.payload import Limits
 from ..core.session import SessionOptions
@@ -79,10 +81,12 @@ def build_service(settings: Settings, metrics: ServiceMetrics | None = None) -> 
                     session_options=SessionOptions(intra_op_threads=settings.onnx_threads,
                                                    providers=settings.providers),
                     limits=Limits(max_payload_bytes=settings.max_payload_bytes), fetch_iq_ref=fetch)
-    store = open_store(settings.database_url, schema=settings.db_schema, pool_max=settings.db_pool_max)
+    store = open_store(settings.database_url, schema=settings.db_schema, pool_max=settings.db_pool_max,
+                       statement_timeout_ms=settings.db_statement_timeout_ms)
     cache = FixCache(settings.cache_url, ttl_s=settings.cache_ttl_s, prefix=settings.redis_key_prefix) \
         if settings.cache_url else None
-    return Service(loc, store, cache, metrics=metrics)
+    # a soft time limit ends the whole pass (its requests retry), it is never one request's outcome
+    return Service(loc, store, cache, metrics=metrics, interrupts=(SoftTimeLimitExceeded,))
 
 
 def build_child_context(settings: Settings, metrics: ServiceMetrics | None = None) -> ProcessContext:

@@ -23,8 +23,8 @@ from kombu.exceptions import DecodeError
 
 from ..errors import PayloadCode, PayloadError
 
-__all__ = ["MAX_DEPTH", "MAX_ITEMS", "ENVELOPE_BYTES", "shape_problem", "refusal", "message_refusal",
-           "guard", "guarded_strategy"]
+__all__ = ["MAX_DEPTH", "MAX_ITEMS", "ENVELOPE_BYTES", "MAX_TASK_ID_CHARS", "shape_problem", "refusal",
+           "usable_task_id", "message_refusal", "guard", "guarded_strategy"]
 
 MAX_DEPTH = 16
 """Deepest nesting of lists/dicts in a task body. A predict body is 6 deep (body, args, payload,
@@ -35,6 +35,14 @@ MAX_ITEMS = 250_000
 
 ENVELOPE_BYTES = 64 * 1024
 """What a single-payload message may carry beyond the payload cap (Celery's envelope, base64 padding)."""
+
+MAX_TASK_ID_CHARS = 255
+"""A task id keys a result in Redis and a row in the database: printable, at most this long."""
+
+
+def usable_task_id(task_id: Any) -> bool:
+    """Can this task id key a result and a row? (a printable string of 1-255 characters)"""
+    return isinstance(task_id, str) and 0 < len(task_id) <= MAX_TASK_ID_CHARS and task_id.isprintable()
 
 
 def shape_problem(body: Any, *, max_depth: int = MAX_DEPTH, max_items: int = MAX_ITEMS) -> str | None:
@@ -87,7 +95,12 @@ def refusal(raw_body: bytes | str | None, decode: Any, *, max_body_bytes: int | 
 
 
 def message_refusal(message: Any, *, max_body_bytes: int | None) -> PayloadError | None:
-    """:func:`refusal` for a kombu message (its raw body, and its body decoded once by kombu)."""
+    """:func:`refusal` for a kombu message (its raw body, and its body decoded once by kombu), after its
+    task id: one that cannot key a result or a row is refused too (it can only be dead-lettered)."""
+    headers = message.headers if isinstance(message.headers, dict) else {}
+    if "id" in headers and not usable_task_id(headers["id"]):
+        return PayloadError(PayloadCode.DECODE_ERROR, f"the task id must be a printable string of 1-"
+                            f"{MAX_TASK_ID_CHARS} characters", "id")
     return refusal(message.body, lambda: message.payload, max_body_bytes=max_body_bytes)
 
 

@@ -2,9 +2,12 @@
 
 * ``worker_init`` (main process, before the pool forks): nothing at all on an untested Celery
   (the :class:`~.celery_internals.VersionGuard` bootstep stops the worker right after); else
-  declare ``heimdall.dead`` so that dead letters have somewhere to go; with
+  pin glibc's mmap threshold (:mod:`~heimdall_inference.ops.memory`: memory stays flat after large
+  messages; the children inherit it), declare ``heimdall.dead`` so that dead letters have somewhere to go; with
   ``HEIMDALL_METRICS_PORT``, prepare prometheus-client's multiprocess folder and start the exporter
   (``/metrics``, ``/healthz``); install the main process' :class:`~.context.ProcessContext`.
+* ``celeryd_after_setup`` (main process, once logging is set up, before the pool starts): log every
+  endpoint and warn about each one that does not answer (:mod:`~heimdall_inference.ops.endpoints`).
 * ``worker_process_init`` (each prefork child, after fork; the solo pool sends it in the main
   process): the warm service (the ONNX session is created here, never in the parent: sessions
   inherited across fork can crash) and its metrics, added to this process' context. Celery kills a
@@ -24,11 +27,14 @@ import logging
 import os
 from typing import Any
 
-from celery.signals import worker_init, worker_process_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (celeryd_after_setup, worker_init, worker_process_init, worker_process_shutdown,
+                            worker_shutdown)
 
 from ..errors import ConfigError
+from ..ops.endpoints import check_endpoints
 from ..ops.exporter import MetricsExporter
 from ..ops.health import worker_health
+from ..ops.memory import pin_mmap_threshold
 from ..ops.metrics import prepare_multiprocess_dir
 from ..settings import process_settings
 from .celery_internals import check_versions
@@ -73,9 +79,16 @@ def _init_main(sender: Any = None, **_: Any) -> None:
     except ConfigError:
         return  # the VersionGuard bootstep stops this worker next; leave nothing behind before it does
     settings = process_settings()
+    pin_mmap_threshold()
     _declare_dead_letter_queue(sender)
     exporter = _start_exporter(sender, settings.metrics_port) if settings.metrics_port > 0 else None
     install(ProcessContext(settings=settings, exporter=exporter))
+
+
+@celeryd_after_setup.connect
+def _say_endpoints(**_: Any) -> None:
+    """Which servers this worker uses (passwords redacted), and a warning for each that does not answer."""
+    check_endpoints(process_settings())
 
 
 @worker_shutdown.connect

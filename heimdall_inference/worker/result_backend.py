@@ -1,4 +1,5 @@
-"""Celery's Redis result backend, with the writes of a micro-batch sent in one round trip.
+"""Celery's Redis result backend, with the writes of a micro-batch sent in one round trip, and an
+outage that costs results, never fixes.
 
 Celery stores each task's result with two Redis round trips (a GET, so that a late duplicate never
 overwrites a SUCCESS, then SET + PUBLISH). For a micro-batch of predict tasks (:mod:`.batching`)
@@ -9,31 +10,84 @@ the main process acknowledges any of the batch's messages, so a failed flush fai
 requests are then run again one by one: nothing is lost. Outside the block it is exactly Celery's
 backend (the producer side, single tasks, chords).
 
-The seam into Celery's write path is :class:`.celery_internals.RedisBackendWithWriteHook`.
+Redis is optional on the hot path. A result write that fails (after Celery's one quick retry, see
+``result_backend_transport_options`` in :mod:`.config`) is counted
+(``heimdall_results_unwritten_total``) and dropped, and a :class:`~heimdall_inference.ops.breaker.Breaker`
+(1 s, doubling up to 10 s) skips further writes until Redis answers again: the fix is already in the
+database, the message is acknowledged, and the worker keeps storing fixes at full rate instead of
+blocking on retries. A producer whose result subscription fails still publishes (Celery would not);
+reading the result then raises :class:`~heimdall_inference.errors.ResultUnavailable`
+(:func:`heimdall_inference.client.predict`).
+
+The seams into Celery are :class:`.celery_internals.RedisBackendWithWriteHook` and
+:func:`.celery_internals.is_result_consumer_failure`.
 Selected by :func:`heimdall_inference.worker.config.build` as
 ``heimdall_inference.worker.result_backend:DeferredRedisBackend+redis://...``.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from celery import states
 
-from .celery_internals import RedisBackendWithWriteHook
+from ..ops.breaker import Breaker
+from .celery_internals import RedisBackendWithWriteHook, is_result_consumer_failure
 
-__all__ = ["DeferredRedisBackend", "deferred_writes"]
+__all__ = ["DeferredRedisBackend", "deferred_writes", "result_unreadable"]
+
+log = logging.getLogger(__name__)
 
 
 class DeferredRedisBackend(RedisBackendWithWriteHook):
-    """RedisBackend whose result writes can be deferred to one pipelined flush per block."""
+    """RedisBackend whose result writes can be deferred to one pipelined flush per block, and are
+    skipped (counted) while Redis does not answer."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._pending = threading.local()
+        # a PING once per interval while Redis is down: no task waits on it, results resume within ~5 s of its return
+        self.breaker = Breaker("the result backend (Redis)", base_s=1.0, max_s=5.0, probe=lambda: self.client.ping())
+        self.unwritten = 0  #: results dropped because Redis did not answer (this process)
+
+    def write_through(self, write: Callable[[], Any], *, count: int = 1) -> Any:
+        """Send results to Redis unless the breaker is open; a failure drops them (counted), never the task."""
+        if not self.breaker.allow():
+            self._unwritten(count)
+            return None
+        try:
+            out = write()
+        except self.connection_errors as exc:
+            self.breaker.failure(exc)
+            self._unwritten(count)
+            return None
+        self.breaker.success()
+        return out
+
+    def _unwritten(self, count: int) -> None:
+        self.unwritten += count
+        from .context import current  # the process' metrics, where this process records any
+
+        ctx = current()
+        if ctx is not None and ctx.metrics is not None:
+            ctx.metrics.results_unwritten.inc(count)
+
+    def subscribe_failed(self, exc: BaseException) -> None:
+        """A producer could not subscribe to its task's result: publish anyway (the fix reaches the
+        database); reading the result will raise ResultUnavailable."""
+        log.warning("result backend unavailable (%s): publishing anyway; the result cannot be awaited", exc)
+        self.breaker.failure(exc)
+
+    def subscribe_succeeded(self) -> None:
+        self.breaker.success()
+
+    def on_task_call(self, producer: Any, task_id: str) -> None:
+        if self.breaker.allow():  # while open, publish without subscribing: get() subscribes again
+            super().on_task_call(producer, task_id)
 
     @contextmanager
     def deferred_writes(self) -> Iterator[None]:
@@ -47,7 +101,7 @@ class DeferredRedisBackend(RedisBackendWithWriteHook):
         finally:
             writes, self._pending.writes = self._pending.writes, None
         if writes:
-            self.ensure(self._flush, (writes,))
+            self.write_through(lambda: self.ensure(self._flush, (writes,)), count=len(writes))
 
     def wants_writes(self) -> bool:
         return getattr(self._pending, "writes", None) is not None
@@ -74,6 +128,11 @@ class DeferredRedisBackend(RedisBackendWithWriteHook):
                 pipe.set(key, value, ex=expires or None)
                 pipe.publish(key, value)
             pipe.execute()
+
+
+def result_unreadable(exc: BaseException, backend: Any) -> bool:
+    """Did reading a result fail because the result backend does not answer (not because of the task)?"""
+    return is_result_consumer_failure(exc, backend)
 
 
 @contextmanager

@@ -8,13 +8,20 @@
 * ``heimdall.collect(summaries)`` -> ``heimdall.batch/v1`` summary (the chord callback).
 * ``heimdall.model_info()`` -> the model's name, version, hash, providers and card.
 * ``heimdall.noop()`` -> None: the benchmark's floor.
+
+A soft time limit is a server fault, never the producer's: the request is retried (with backoff, like
+an unreachable database), not acked away. Producers send no time limits in their messages
+(:class:`HeimdallTask`): the worker's own ``HEIMDALL_TASK_*_TIME_LIMIT_S`` apply.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from celery import chord, group
+from celery import Task, chord, group
+from celery.exceptions import SoftTimeLimitExceeded
 
 from .celery_app import app
 from ..errors import PayloadCode, PayloadError, TransientError
@@ -22,35 +29,63 @@ from .batching import MISSING, sent_at_s, take_precomputed
 from .service import summarize
 from .context import current_service
 
-__all__ = ["predict", "predict_chunk", "predict_batch", "collect", "model_info", "noop", "batch_signature"]
+__all__ = ["HeimdallTask", "predict", "predict_chunk", "predict_batch", "collect", "model_info", "noop",
+           "batch_signature", "retried_on_time_limit"]
 
 MAX_BATCH_PAYLOADS = 1000  #: heimdall.predict_batch carries its payloads in one message; cap it
+
+class HeimdallTask(Task):
+    """Celery's Task, except that a message carries no time limits unless the caller passes them.
+
+    Celery copies the producer's ``task_time_limit`` and ``task_soft_time_limit`` into every message,
+    and a worker obeys the message over its own settings: any producer would silently override the
+    worker's ``HEIMDALL_TASK_SOFT_TIME_LIMIT_S``. With ``None`` in the message the worker's own apply.
+    """
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        options.setdefault("time_limit", None)
+        options.setdefault("soft_time_limit", None)
+        return super().apply_async(args, kwargs, **options)
+
+
+@contextmanager
+def retried_on_time_limit(what: str) -> Iterator[None]:
+    """A soft time limit inside the block becomes a TransientError: the task retries (idempotent writes),
+    instead of failing and being acknowledged with its work lost."""
+    try:
+        yield
+    except SoftTimeLimitExceeded as exc:
+        raise TransientError(f"{what} reached the soft time limit; retried") from exc
+
 
 _retry = dict(autoretry_for=(TransientError,), retry_backoff=1, retry_backoff_max=60, retry_jitter=True,
               max_retries=8, throws=(PayloadError,))
 
 
-@app.task(name="heimdall.predict", bind=True, Strategy="heimdall_inference.worker.batching:strategy", **_retry)
+@app.task(name="heimdall.predict", bind=True, base=HeimdallTask, Strategy="heimdall_inference.worker.batching:strategy",
+          **_retry)
 def predict(self, payload: Any) -> dict[str, Any]:
     done = take_precomputed(self.request.id)  # computed with others by batching.run_batch
     if done is not MISSING:
         if isinstance(done, BaseException):
             raise done
         return done
-    return current_service().predict(payload, task_id=self.request.id, sent_at_s=sent_at_s(vars(self.request)))
+    with retried_on_time_limit("the request"):
+        return current_service().predict(payload, task_id=self.request.id, sent_at_s=sent_at_s(vars(self.request)))
 
 
 _GUARDED = "heimdall_inference.worker.guard:guarded_strategy"
 
 
-@app.task(name="heimdall.predict_chunk", bind=True, Strategy=_GUARDED, **_retry)
+@app.task(name="heimdall.predict_chunk", bind=True, base=HeimdallTask, Strategy=_GUARDED, **_retry)
 def predict_chunk(self, payloads: list[Any], offset: int = 0) -> dict[str, Any]:
     if not isinstance(payloads, list):
         raise PayloadError(PayloadCode.INVALID_FIELD, "a chunk is a list of payloads", "payloads")
-    return current_service().predict_chunk(payloads, task_id=self.request.id, offset=int(offset))
+    with retried_on_time_limit("the chunk"):
+        return current_service().predict_chunk(payloads, task_id=self.request.id, offset=int(offset))
 
 
-@app.task(name="heimdall.collect")
+@app.task(name="heimdall.collect", base=HeimdallTask)
 def collect(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return summarize(summaries)
 
@@ -65,7 +100,7 @@ def batch_signature(payloads: list[Any], chunk_size: int = 64, serializer: str =
     return chord(group(chunks), collect.s())
 
 
-@app.task(name="heimdall.predict_batch", bind=True, Strategy=_GUARDED, throws=(PayloadError,))
+@app.task(name="heimdall.predict_batch", bind=True, base=HeimdallTask, Strategy=_GUARDED, throws=(PayloadError,))
 def predict_batch(self, payloads: list[Any], chunk_size: int = 64) -> Any:
     if not isinstance(payloads, list) or not payloads:
         raise PayloadError(PayloadCode.INVALID_FIELD, "a batch is a non-empty list of payloads", "payloads")
@@ -77,12 +112,12 @@ def predict_batch(self, payloads: list[Any], chunk_size: int = 64) -> Any:
     raise self.replace(batch_signature(payloads, chunk_size))
 
 
-@app.task(name="heimdall.noop")
+@app.task(name="heimdall.noop", base=HeimdallTask)
 def noop(_: Any = None) -> None:
     """Does nothing: the benchmark's floor (Celery's own per-task cost on this broker and backend)."""
     return None
 
 
-@app.task(name="heimdall.model_info")
+@app.task(name="heimdall.model_info", base=HeimdallTask)
 def model_info() -> dict[str, Any]:
     return current_service().model_info()

@@ -12,8 +12,22 @@ import pytest
 from heimdall_inference.worker.batching import PoolBatcher
 
 
+@pytest.fixture(autouse=True)
+def celery_worker_state():
+    """Celery's reserved requests and shutdown flags, as a worker's main process holds them; restored after."""
+    from celery.worker import state
+
+    before = set(state.reserved_requests), state.should_stop, state.should_terminate
+    yield state
+    state.reserved_requests.clear()
+    state.reserved_requests.update(before[0])
+    state.should_stop, state.should_terminate = before[1], before[2]
+
+
 class FakeRequest:
     def __init__(self, name: str, revoked: bool = False) -> None:
+        from celery.worker.state import task_reserved
+
         self.id = name
         self._revoked = revoked
         self.time_limits = (None, None)
@@ -21,6 +35,7 @@ class FakeRequest:
         self._type, self._request_dict, self._body = "heimdall.predict", {}, b""
         self._content_type, self._content_encoding = "application/json", "utf-8"
         self.events: list[tuple] = []
+        task_reserved(self)  # what Celery's strategy does before on_task_request
 
     def revoked(self) -> bool:
         return self._revoked
@@ -112,6 +127,43 @@ def test_revoked_requests_are_not_sent():
     b = PoolBatcher(pool, batch_max=4, slots=1)
     b.submit(FakeRequest("gone", revoked=True))
     assert pool.jobs == [] and not b.waiting
+
+
+def test_waiting_requests_of_a_lost_connection_are_dropped_as_celery_drops_its_reserved_ones(celery_worker_state):
+    """They used to run anyway, beside the copies the broker redelivered (27-37 tasks ran twice per restart)."""
+    pool = FakePool()
+    b = PoolBatcher(pool, batch_max=4, slots=1)
+    reqs = [FakeRequest(f"r{i}") for i in range(6)]
+    for r in reqs:
+        b.submit(r)
+    assert [len(j["items"]) for j in pool.jobs] == [1]  # r0 runs, r1..r5 wait
+    # Consumer.on_close: the connection is gone; only the running request stays reserved
+    celery_worker_state.reserved_requests.clear()
+    celery_worker_state.reserved_requests.add(reqs[0])
+    fresh = FakeRequest("redelivered-r1")  # the broker's copy, on the new connection
+    b.submit(fresh)
+    pool.jobs[0]["callback"](["fix0"])
+    assert [r.id for r in _sent(pool)] == ["r0", "redelivered-r1"] and not b.waiting
+
+
+def test_nothing_new_starts_once_a_shutdown_began(celery_worker_state):
+    pool = FakePool()
+    b = PoolBatcher(pool, batch_max=4, slots=1)
+    reqs = [FakeRequest(f"r{i}") for i in range(3)]
+    for r in reqs:
+        b.submit(r)
+    celery_worker_state.should_stop = 0  # a warm shutdown (exit code 0 is a set flag)
+    pool.jobs[0]["callback"](["fix0"])
+    assert len(pool.jobs) == 1 and len(b.waiting) == 2  # left unacknowledged: the broker hands them on
+    assert all(r.events == [] for r in reqs[1:])
+
+
+def _sent(pool: FakePool) -> list:
+    """The requests sent to the pool, in order (their tracer arguments carry the task id)."""
+    class _Id:
+        def __init__(self, item):
+            self.id = item[1]
+    return [_Id(item) for job in pool.jobs for item in job["items"]]
 
 
 @pytest.mark.integration

@@ -96,9 +96,9 @@ def isolated_worker(tag: str, log_path, *, stop_timeout_s: float = 30.0, pool: s
     from heimdall_inference.store import open_store
 
     servers = make_live(tag)
-    store = open_store(PG_URL, schema=servers.schema)
-    store.init_schema()
     settings = servers.settings.replace(**overrides)
+    store = open_store(settings.database_url, schema=settings.db_schema)
+    store.init_schema()
     worker = WorkerProcess(settings, log_path, pool=pool, concurrency=concurrency, extra_env=extra_env)
     try:
         worker.wait_ready()

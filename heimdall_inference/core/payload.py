@@ -35,7 +35,7 @@ from ..errors import PayloadError, TransientError
 from .spec import ModelSpec
 from .types import IQ
 
-__all__ = ["Limits", "PayloadOptions", "DecodedPayload", "PayloadDecoder", "IqRefFetcher"]
+__all__ = ["Limits", "PayloadOptions", "DecodedPayload", "PayloadDecoder", "IqRefFetcher", "is_valid_id"]
 
 IqRefFetcher = Callable[[str], bytes]
 """Fetches the ``.npy`` bytes behind an ``iq_ref`` claim check (e.g. ``s3://bucket/key.npy``)."""
@@ -95,6 +95,11 @@ class _NoHash:
 
     def hexdigest(self) -> str:
         return ""
+
+
+def is_valid_id(v: Any) -> bool:
+    """Is this a valid ``request_id`` / ``session_id``: a printable string of 1-128 characters?"""
+    return isinstance(v, str) and 0 < len(v) <= _MAX_ID_CHARS and v.isprintable()
 
 
 def _is_number(v: Any) -> bool:
@@ -238,7 +243,7 @@ class PayloadDecoder:
         v = doc.get(key)
         if v is None:
             return None
-        if not isinstance(v, str) or not v or len(v) > _MAX_ID_CHARS or not v.isprintable():
+        if not is_valid_id(v):
             raise PayloadError(C.INVALID_FIELD, f"{key} must be a printable string of 1-{_MAX_ID_CHARS} characters", key)
         return v
 

@@ -23,7 +23,7 @@ from typing import Any
 from ..store.cache import FixCache
 from ..ops.metrics import ServiceMetrics
 from ..errors import HeimdallError, PayloadCode, PayloadError, StorageError, TransientError
-from ..core.payload import DecodedPayload
+from ..core.payload import DecodedPayload, is_valid_id
 from ..core.localizer import Localizer, RawPayload
 from ..store import Store, fix_row, rejection_row
 
@@ -183,16 +183,19 @@ class Service:
     def _reject(self, exc: PayloadError, payload: RawPayload, task_id: str | None, key: str | None = None) -> None:
         """Record one rejection (once per request and code). A refused row is logged, never a crash;
         an unreachable database raises TransientError."""
-        receivers, request_id = [], None
+        receivers, request_id, own = [], None, None
         if isinstance(payload, dict):
             rid = payload.get("request_id")
             request_id = rid[:128] if isinstance(rid, str) else None
+            # the row's key: the request id only when it is a valid one (a 500-character id cut to 128 would
+            # merge distinct requests), else this task's (or chunk slot's) own
+            own = rid if is_valid_id(rid) else None
             recs = payload.get("receivers")
             if isinstance(recs, list):
                 receivers = [r["id"][:64] for r in recs[:16] if isinstance(r, dict) and isinstance(r.get("id"), str)]
         size = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else exc.context.get("size_bytes")
         row = rejection_row(exc.to_dict(), task_id=task_id, request_id=request_id, receivers=receivers,
-                            size_bytes=size, key=request_id or key)
+                            size_bytes=size, key=own or key or task_id)
         try:
             self.store.write_rejections([row])
         except StorageError:  # a row the database refuses for good must not turn a clean rejection into a crash

@@ -73,3 +73,47 @@ def test_console_script_entry_point(tmp_path):
     res = subprocess.run([sys.executable, "-m", "heimdall_inference", "model", "info"], capture_output=True, text=True,
                          timeout=120, check=True)
     assert json.loads(res.stdout)["version"]
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "heimdall_inference", *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
+
+
+def test_db_init_failures_are_one_line_without_a_traceback(tmp_path):
+    """An unreachable database, TimescaleDB required where it is not preloaded, SQLite asked for it."""
+    from ..servers import PrivatePostgres
+
+    down = _cli("db", "init", env={"HEIMDALL_DATABASE_URL": "postgresql://heimdall:secret@127.0.0.1:1/heimdall"})
+    assert down.returncode == 1 and "Traceback" not in down.stderr
+    assert down.stderr.strip().count("\n") == 0 and "TransientError" in down.stderr and "secret" not in down.stderr
+    pg = PrivatePostgres()  # no shared_preload_libraries
+    try:
+        env = {"HEIMDALL_DATABASE_URL": pg.url, "HEIMDALL_DB_SCHEMA": "heimdall"}
+        on = _cli("db", "init", env={**env, "HEIMDALL_TIMESCALEDB": "on"})
+        assert on.returncode == 2 and "Traceback" not in on.stderr and on.stderr.strip().count("\n") == 0
+        assert "HEIMDALL_TIMESCALEDB=on" in on.stderr
+        auto = _cli("db", "init", env=env)
+        assert auto.returncode == 0 and json.loads(auto.stdout)["timescaledb"] is False
+        assert "using a plain table" in auto.stderr and "Traceback" not in auto.stderr
+    finally:
+        pg.close()
+    lite = _cli("db", "init", env={"HEIMDALL_DATABASE_URL": f"sqlite:///{tmp_path / 'x.sqlite3'}",
+                                    "HEIMDALL_TIMESCALEDB": "on"})
+    assert lite.returncode == 2 and "needs a PostgreSQL" in lite.stderr and "Traceback" not in lite.stderr
+
+
+def test_db_init_on_a_real_timescaledb_makes_the_hypertable():
+    from ..servers import PrivatePostgres
+
+    if not (PrivatePostgres.BIN.parent / "lib" / "timescaledb.so").exists():
+        pytest.skip("TimescaleDB is not built into this PostgreSQL (.ci/run installs it where it can)")
+    pg = PrivatePostgres(preload="timescaledb")
+    try:
+        out = _cli("db", "init", env={"HEIMDALL_DATABASE_URL": pg.url, "HEIMDALL_TIMESCALEDB": "on"})
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout) == {"backend": "postgresql", "schema": "public", "timescaledb": True}
+    finally:
+        pg.close()

@@ -105,3 +105,23 @@ def test_poison_messages_are_refused_alone_and_the_worker_survives(tmp_path, sce
                 break
             time.sleep(0.2)
         assert dead == len(poison), f"{dead} messages in {DEAD_QUEUE}"
+
+
+class _Message:
+    def __init__(self, task_id, body=b'[[{}], {}, {}]'):
+        self.headers = {"id": task_id, "task": "heimdall.predict"}
+        self.body = body
+
+    @property
+    def payload(self):
+        return loads(self.body, "application/json", "utf-8")
+
+
+@pytest.mark.parametrize("task_id", ["x" * 256, "nul\x00id", "", 7])
+def test_a_task_id_that_cannot_key_a_row_is_refused(task_id):
+    from heimdall_inference.worker.guard import message_refusal, usable_task_id
+
+    err = message_refusal(_Message(task_id), max_body_bytes=None)
+    assert err is not None and err.code == PayloadCode.DECODE_ERROR and err.field == "id"
+    assert not usable_task_id(task_id)
+    assert message_refusal(_Message(str(uuid.uuid4())), max_body_bytes=None) is None

@@ -265,3 +265,12 @@ def test_a_model_failure_on_the_batch_is_retried_payload_by_payload(localizer, s
     monkeypatch.setattr(localizer, "fixes", fixes)
     out = Service(localizer, MemoryStore()).predict_requests(_requests(scenes_and_payloads[1][:4]))
     assert isinstance(out[2], InferenceError) and all(isinstance(out[i], dict) for i in (0, 1, 3))
+
+
+def test_distinct_invalid_request_ids_are_never_merged_into_one_rejection(service):
+    """Found by the fuzz suite: two 500-character request ids sharing their first 128 characters were
+    recorded as one rejection (the row's key was the id cut to 128)."""
+    for i in range(2):
+        with pytest.raises(PayloadError):
+            service.predict({"schema": "heimdall.iq/v1", "request_id": "r" * 500 + str(i)}, task_id=f"task-{i}")
+    assert [r["reject_key"] for r in service.store.rejections] == ["task-0", "task-1"]

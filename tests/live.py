@@ -88,16 +88,19 @@ def drop_live(live: LiveServers) -> None:
 
 @contextlib.contextmanager
 def isolated_worker(tag: str, log_path, *, stop_timeout_s: float = 30.0, pool: str = "prefork",
-                    concurrency: int = 1, extra_env: dict | None = None, **overrides):
+                    concurrency: int = 1, extra_env: dict | None = None, store_url: str | None = None, **overrides):
     """Own vhost/prefix/schema, a worker with ``overrides`` applied to its settings, the producer
-    pointed at it; yields (settings, store of the real schema, worker) and removes everything after."""
+    pointed at it; yields (settings, store of the real schema, worker) and removes everything after.
+
+    The store (the test's own view of the tables) uses the worker's database unless ``store_url`` names
+    another way to the same one (the worker's may go through a proxy the test opens and closes)."""
     from heimdall_inference.worker.celery_app import configure_app
     from heimdall_inference.worker.process import WorkerProcess
     from heimdall_inference.store import open_store
 
     servers = make_live(tag)
     settings = servers.settings.replace(**overrides)
-    store = open_store(settings.database_url, schema=settings.db_schema)
+    store = open_store(store_url or settings.database_url, schema=settings.db_schema)
     store.init_schema()
     worker = WorkerProcess(settings, log_path, pool=pool, concurrency=concurrency, extra_env=extra_env)
     try:

@@ -9,6 +9,7 @@
     heimdall-inference demo                                        # the service, embedded: tasks + chord
     heimdall-inference db init                                     # predictions + rejections tables
     heimdall-inference submit scenes/scene-0000.json               # through the broker (HEIMDALL_* env)
+    heimdall-inference dead list                                   # what is in heimdall.dead, and why
 """
 
 from __future__ import annotations
@@ -75,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("db", help="database schema")
     p.add_argument("action", choices=("init",))
+
+    p = sub.add_parser("dead", help="dead letters in heimdall.dead: list, show, replay, purge (HEIMDALL_* env)")
+    p.add_argument("action", choices=("list", "show", "replay", "purge"))
+    p.add_argument("task_ids", nargs="*", help="show: one task id; replay: the task ids to replay")
+    p.add_argument("--all", action="store_true", help="replay: every dead letter")
+    p.add_argument("--limit", type=int, default=100, help="list: at most this many")
+    p.add_argument("--yes", action="store_true", help="purge: confirm dropping every dead letter")
 
     p = sub.add_parser("model", help="model information")
     p.add_argument("action", choices=("info",))
@@ -212,6 +220,40 @@ def _db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dead(args: argparse.Namespace) -> int:
+    from ..ops import deadletters
+    from ..settings import process_settings
+    from ..worker.celery_app import configure_app
+
+    app = configure_app(process_settings())
+    if args.action == "list":
+        for d in deadletters.list_dead(app, limit=args.limit):
+            print(json.dumps(d.to_dict(), default=str))
+        return 0
+    if args.action == "show":
+        if len(args.task_ids) != 1:
+            print("heimdall-inference dead show: give one task id", file=sys.stderr)
+            return 2
+        found = deadletters.show_dead(app, args.task_ids[0])
+        if found is None:
+            print(f"heimdall-inference dead show: {args.task_ids[0]} is not in heimdall.dead", file=sys.stderr)
+            return 1
+        print(json.dumps({**found[0].to_dict(), "headers": found[1]}, indent=2, default=str))
+        return 0
+    if args.action == "replay":
+        if not args.task_ids and not args.all:
+            print("heimdall-inference dead replay: give task ids, or --all", file=sys.stderr)
+            return 2
+        done = deadletters.replay(app, None if args.all else args.task_ids)
+        print(json.dumps({"replayed": done}))
+        return 0 if args.all or set(done) == set(args.task_ids) else 1
+    if not args.yes:
+        print("heimdall-inference dead purge: drops every dead letter; add --yes", file=sys.stderr)
+        return 2
+    print(json.dumps({"purged": deadletters.purge(app)}))
+    return 0
+
+
 def _model(args: argparse.Namespace) -> int:
     from ..core.session import ModelSession
 
@@ -234,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     handler = {"simulate": _simulate, "predict": _predict, "evaluate": _evaluate, "bench": _bench,
-               "model": _model, "demo": _demo, "submit": _submit, "db": _db}[args.command]
+               "model": _model, "demo": _demo, "submit": _submit, "db": _db, "dead": _dead}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:  # a bad HEIMDALL_* variable: one line, not a traceback

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from heimdall_inference.errors import ConfigError
 from heimdall_inference.settings import Settings, process_settings, set_process_settings
 from heimdall_inference.worker import lifecycle
@@ -63,3 +65,29 @@ def test_worker_init_leaves_nothing_behind_on_an_untested_celery(clean_context, 
     monkeypatch.setattr(lifecycle, "_start_exporter", lambda *a: touched.append(a))
     lifecycle._init_main(sender=object())
     assert touched == [] and current() is None
+
+
+@pytest.mark.integration
+def test_a_changed_delivery_limit_is_one_clear_error_and_the_worker_still_serves(tmp_path, scenes_and_payloads):
+    """A queue argument cannot change: with HEIMDALL_DELIVERY_LIMIT changed, every worker used to fail to
+    declare heimdall.predict (PRECONDITION_FAILED) and never start."""
+    import copy
+
+    from heimdall_inference.client import predict
+    from heimdall_inference.worker.process import WorkerProcess
+
+    from ..live import isolated_worker
+
+    with isolated_worker("qargs", tmp_path / "w.log", concurrency=1, delivery_limit=5) as (settings, store, worker):
+        worker.stop()
+        changed = WorkerProcess(settings.replace(delivery_limit=7), tmp_path / "w2.log", concurrency=1)
+        try:
+            changed.wait_ready()
+            fix = predict({**copy.deepcopy(scenes_and_payloads[1][0]), "request_id": "qargs"}, timeout_s=30)
+            assert fix["request_id"] == "qargs"
+            log = changed.log_path.read_text()
+            assert "heimdall.predict exists with other arguments than these settings ask for " \
+                   "(HEIMDALL_DELIVERY_LIMIT=7)" in log and "set_policy" in log
+            assert changed.proc.poll() is None
+        finally:
+            changed.stop()

@@ -68,7 +68,7 @@ def test_database_down_then_up_the_fix_is_stored_late_not_lost(tmp_path, scenes_
     host, port = PG_URL.split("@", 1)[1].split("/", 1)[0].split(":")
     proxy = GatedProxy((host, int(port)))
     try:
-        with isolated_worker("dbdown", tmp_path / "w.log",
+        with isolated_worker("dbdown", tmp_path / "w.log", store_url=PG_URL,
                              database_url=PG_URL.replace(f"{host}:{port}", f"127.0.0.1:{proxy.port}")) as (_, store, worker):
             doc = copy.deepcopy(scenes_and_payloads[1][9])
             doc["request_id"] = "survives-an-outage"

@@ -285,6 +285,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HeimdallError as exc:  # a server down or refusing, a model that cannot be used
         print(f"heimdall-inference {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file that is not there or cannot be read or written
+        print(f"heimdall-inference {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

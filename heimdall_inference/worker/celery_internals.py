@@ -50,7 +50,8 @@ from .guard import usable_task_id
 __all__ = ["TESTED_VERSIONS", "installed_versions", "check_versions", "VersionGuard",
            "default_strategy", "is_prefork_pool", "trace_args", "tracer", "apply_to_pool", "ConsumerView",
            "BatchRequests", "is_revoked", "is_reserved", "shutdown_started", "run_alone", "guarded",
-           "TolerantResultConsumer", "RedisBackendWithWriteHook", "is_result_consumer_failure", "AtomicFilesystemChannel",
+           "TolerantResultConsumer", "RedisBackendWithWriteHook", "close_result_backend", "is_result_consumer_failure",
+           "AtomicFilesystemChannel",
            "reset_producer_state"]
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,15 @@ class TolerantResultConsumer(RedisResultConsumer):
     ``AsyncResult.__del__`` unsubscribes from the result's channel; with Redis down Celery's consumer
     raises RuntimeError there ("Exception ignored in __del__" for every dropped result). The channel
     died with the connection, and the key has already left ``subscribed_to`` (a reconnect will not
-    subscribe to it again), so there is nothing left to undo.
+    subscribe to it again), so there is nothing left to undo. Once stopped (a producer re-pointed
+    elsewhere), dropping a result opens no new connection either.
     """
+
+    def stop(self) -> None:
+        """Close the pub/sub connection for good: a result dropped later must not open a new one."""
+        super().stop()
+        with self._locked():
+            self._pubsub = None
 
     def cancel_for(self, task_id: str) -> None:
         try:
@@ -351,11 +359,29 @@ class AtomicFilesystemChannel(filesystem.Channel):
 def reset_producer_state(app: Any) -> None:
     """Drop an app's cached producer pool, result backend and router after its configuration changed.
 
-    Not closed: kombu's global producer pools may still share those connections.
+    The broker pool is not closed (kombu's global producer pools may still share its connections); the
+    result backend this thread used is closed (its pub/sub and Redis connections), so that no socket is
+    left for the garbage collector to find open.
     """
     import threading
 
+    old = app._backend_cache or getattr(app._local, "backend", None)
     app._pool = None
     app._backend_cache = None
     app._local = threading.local()
     app.__dict__.pop("amqp", None)
+    if old is not None:
+        close_result_backend(old)
+
+
+def close_result_backend(backend: Any) -> None:
+    """Close a dropped Redis result backend's connections (best effort: it is being thrown away)."""
+    try:
+        consumer = getattr(backend, "result_consumer", None)
+        if consumer is not None and hasattr(consumer, "stop"):
+            consumer.stop()
+        client = backend.__dict__.get("client")  # a cached_property: only if it was ever made
+        if client is not None:
+            client.connection_pool.disconnect()
+    except Exception:  # a backend that cannot close cleanly is dropped all the same
+        log.debug("closing a dropped result backend failed", exc_info=True)

@@ -117,3 +117,9 @@ def test_db_init_on_a_real_timescaledb_makes_the_hypertable():
         assert json.loads(out.stdout) == {"backend": "postgresql", "schema": "public", "timescaledb": True}
     finally:
         pg.close()
+
+
+def test_a_missing_file_is_one_line(tmp_path, capsys):
+    assert main(["predict", str(tmp_path / "nope.json")]) == 1
+    err = capsys.readouterr().err
+    assert "nope.json" in err and err.count("\n") == 1

@@ -3,13 +3,17 @@ lost, nothing is stored twice, and the worker keeps running."""
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
 
+from heimdall_inference.client import submit
+from heimdall_inference.errors import PayloadError
+
 from ..live import isolated_worker, report_line
 from ..servers import PrivatePostgres
-from .accounting import Burst, assert_each_stored_once, count_fixes, wait_until
+from .accounting import Burst, assert_each_stored_once, count_fixes, rejected_keys, wait_until
 
 
 @pytest.fixture()
@@ -25,11 +29,20 @@ def test_a_postgres_restart_under_load_delays_fixes_and_loses_none(tmp_path, sce
         with Burst(scenes_and_payloads[1][:40], "pgrestart", rate_per_s=40) as burst:
             assert wait_until(lambda: count_fixes(store) >= 40, 60, 0.1)
             pg.stop("fast")
+            bad = [submit({**copy.deepcopy(scenes_and_payloads[1][i]), "request_id": f"pgrestart-bad-{i}",
+                           "receivers": scenes_and_payloads[1][i]["receivers"][:2]}) for i in range(10)]
             time.sleep(8)
             pg.start()
             time.sleep(3)
         assert not burst.errors
         figures = assert_each_stored_once(store, burst.sent, timeout_s=180)
+        # rejections made while PostgreSQL was down were retried and recorded once each, once it was back
+        want = {f"pgrestart-bad-{i}" for i in range(10)}
+        assert wait_until(lambda: want <= set(rejected_keys(store)), 120)
+        assert sorted(k for k in rejected_keys(store) if k in want) == sorted(want)
+        for r in bad:
+            with pytest.raises(PayloadError):
+                r.get(timeout=60)
         assert worker.proc.poll() is None and "Retry in" in worker.log_path.read_text()
         report_line(f"fault PostgreSQL restart (8 s down): {figures}")
 

@@ -52,6 +52,14 @@ class Publisher:
         self.stop.set()
         self.thread.join(30)
 
+    def close(self) -> None:
+        """Close the publisher thread's result backend, then drop its results: no socket is left open."""
+        from heimdall_inference.worker.celery_internals import close_result_backend
+
+        for backend in {id(r.backend): r.backend for r in self.results}.values():
+            close_result_backend(backend)
+        self.results.clear()
+
 
 def _first_result_after(doc: dict, rid: str, within_s: float = 30.0) -> dict:
     deadline = time.monotonic() + within_s
@@ -90,6 +98,7 @@ def test_a_redis_outage_costs_results_never_fixes(tmp_path, scenes_and_payloads,
                 stored_during = _stored_keys(store)
                 redis.start()
                 time.sleep(3)
+            pub.close()
             assert not pub.errors, pub.errors[:3]
             assert len(due) > RATE_PER_S * (outage_s - 12) * 0.8, "the publisher itself stalled"
             assert due <= stored_during, f"{len(due - stored_during)} of {len(due)} not stored during the outage"

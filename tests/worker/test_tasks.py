@@ -167,3 +167,21 @@ def test_a_pickled_message_is_refused_and_parked_in_heimdall_dead(live, live_wor
         assert msg.properties["application_headers"]["id"] == task_id
         assert msg.properties["content_type"] == "application/x-python-serialize"
         channel.basic_ack(msg.delivery_tag)
+
+
+def test_a_request_id_reused_for_other_iq_is_a_typed_recorded_conflict(live, live_worker, scenes_and_payloads):
+    """It used to return SUCCESS and store nothing; a redelivered or resubmitted copy records it once."""
+    _, store = live
+    rid = f"reused-{uuid.uuid4()}"
+    first = {**copy.deepcopy(scenes_and_payloads[1][20]), "request_id": rid}
+    other = {**copy.deepcopy(scenes_and_payloads[1][21]), "request_id": rid, "captured_at": first["captured_at"]}
+    stored = predict(first, timeout_s=30)
+    assert predict(copy.deepcopy(first), timeout_s=30)["position"] == stored["position"]  # a duplicate: fine
+    for _ in range(2):
+        with pytest.raises(PayloadError) as err:
+            predict(copy.deepcopy(other), timeout_s=30)
+        assert err.value.code == "conflict" and err.value.field == "request_id"
+    assert len(_rows(store, "fix_key = %s", rid)) == 1
+    rows = store._run(lambda c: c.execute(f"SELECT code FROM {store.schema}.rejections WHERE reject_key = %s",
+                                          (rid,)).fetchall())
+    assert rows == [("conflict",)]

@@ -94,9 +94,6 @@ class PrivatePostgres:
     def stop(self, mode: str = "fast") -> None:
         _as("postgres", str(self.BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop")
 
-    def _pids(self) -> list[int]:
-        return _pids_of(f"postgres.*{self.dir}") + _pids_of(f"postgres: .*{self.port}")
-
     def freeze(self) -> None:
         """Every process of the cluster stopped: connections are accepted by the kernel, never answered."""
         pid = int((self.data / "postmaster.pid").read_text().split()[0])

@@ -26,11 +26,16 @@ import time
 import weakref
 from collections.abc import Callable
 
-__all__ = ["Breaker"]
+__all__ = ["Breaker", "SKIPPED", "FAILED"]
 
 log = logging.getLogger(__name__)
 
 _ALL: "weakref.WeakSet[Breaker]" = weakref.WeakSet()
+
+SKIPPED = object()
+"""What :meth:`Breaker.call` returns when the breaker was open and the call was not made."""
+FAILED = object()
+"""What :meth:`Breaker.call` returns when the call raised one of the dependency's errors."""
 
 
 class Breaker:
@@ -73,6 +78,23 @@ class Breaker:
                 return True
             self.skipped += 1
             return False
+
+    def call(self, fn: Callable[[], object], errors: type[BaseException] | tuple[type[BaseException], ...]) -> object:
+        """``fn()`` through the breaker: its value, :data:`SKIPPED` while open, or :data:`FAILED` when it
+        raised one of ``errors`` (which opens the breaker). Any other exception propagates."""
+        if not self.allow():
+            return SKIPPED
+        try:
+            out = fn()
+        except errors as exc:
+            self.failure(exc)
+            return FAILED
+        except BaseException:
+            with self._lock:
+                self._trial = False  # not the dependency's fault: a later caller may try again
+            raise
+        self.success()
+        return out
 
     def success(self) -> None:
         """The call worked: close the breaker."""

@@ -18,7 +18,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..ops.breaker import Breaker
+from ..ops.breaker import FAILED, SKIPPED, Breaker
 
 __all__ = ["FixCache"]
 
@@ -79,17 +79,14 @@ class FixCache:
 
     def _call(self, fn: Any) -> Any:
         """``fn()`` unless the breaker is open; None (a miss, nothing cached) when skipped or failed."""
-        if not self.breaker.allow():
+        out = self.breaker.call(fn, redis.RedisError)
+        if out is SKIPPED:
             self.skipped += 1
-            return None
-        try:
-            out = fn()
-        except redis.RedisError as exc:
+        elif out is FAILED:
             self.errors += 1
-            self.breaker.failure(exc)
-            return None
-        self.breaker.success()
-        return out
+        else:
+            return out
+        return None
 
     @property
     def hit_rate(self) -> float:

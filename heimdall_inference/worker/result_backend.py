@@ -35,7 +35,7 @@ from typing import Any
 
 from celery import states
 
-from ..ops.breaker import Breaker
+from ..ops.breaker import FAILED, SKIPPED, Breaker
 from .celery_internals import RedisBackendWithWriteHook, is_result_consumer_failure
 
 __all__ = ["DeferredRedisBackend", "deferred_writes", "result_unreadable"]
@@ -56,16 +56,10 @@ class DeferredRedisBackend(RedisBackendWithWriteHook):
 
     def write_through(self, write: Callable[[], Any], *, count: int = 1) -> Any:
         """Send results to Redis unless the breaker is open; a failure drops them (counted), never the task."""
-        if not self.breaker.allow():
+        out = self.breaker.call(write, self.connection_errors)
+        if out is SKIPPED or out is FAILED:
             self._unwritten(count)
             return None
-        try:
-            out = write()
-        except self.connection_errors as exc:
-            self.breaker.failure(exc)
-            self._unwritten(count)
-            return None
-        self.breaker.success()
         return out
 
     def _unwritten(self, count: int) -> None:

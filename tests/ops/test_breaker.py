@@ -111,3 +111,21 @@ def test_a_forked_child_starts_with_a_closed_breaker():
         os._exit(0)
     os.waitpid(pid, 0)
     assert os.read(r, 16) == b"closed" and b.is_open
+
+
+def test_call_returns_the_value_or_says_why_not():
+    from heimdall_inference.ops.breaker import FAILED, SKIPPED
+
+    clock = Clock()
+    b = Breaker("dep", base_s=1.0, clock=clock)
+    assert b.call(lambda: 7, OSError) == 7
+
+    def down():
+        raise OSError("down")
+
+    assert b.call(down, OSError) is FAILED and b.is_open
+    assert b.call(lambda: 7, OSError) is SKIPPED
+    clock.now += 1.0
+    assert b.call(lambda: 8, OSError) == 8 and not b.is_open
+    with pytest.raises(ZeroDivisionError):  # not one of the dependency's errors: propagates
+        b.call(lambda: 1 / 0, OSError)

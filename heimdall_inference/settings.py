@@ -47,7 +47,10 @@ class Settings(BaseSettings):
     task_soft_time_limit_s: float = Field(20.0, gt=0)  #: SoftTimeLimitExceeded after this long
     task_time_limit_s: float = Field(30.0, gt=0, lt=_RABBITMQ_CONSUMER_TIMEOUT_S)  #: the child is killed after this long
     delivery_limit: int = Field(5, ge=1, le=1000)  #: quorum queue redeliveries before a message is dead-lettered
-    prefetch_multiplier: int = Field(32, ge=1, le=4096)  #: messages reserved per child (0 would mean unlimited)
+    prefetch_multiplier: int = Field(32, ge=1, le=4096)  #: live messages reserved per child (0 would mean unlimited)
+    #: batch messages (chord chunks, ~4 MB each) reserved per child: a few keep the children busy; more would only
+    #: hold megabytes in the worker's main process (and take its time reading them while live fixes wait)
+    batch_prefetch_multiplier: int = Field(2, ge=1, le=1024)
     db_pool_max: int = Field(4, ge=1, le=100)  #: PostgreSQL connections per worker child
     db_schema: str = Field("public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")  #: schema of predictions and rejections
     db_retry_max: int = Field(40, ge=0, le=1000)  #: task retries (backoff 1 s doubling, capped at 60 s) while the database is unreachable
@@ -60,7 +63,13 @@ class Settings(BaseSettings):
     #: otherwise add "_" to the results' keys and they would not be where the documentation says)
     redis_key_prefix: str = Field("heimdall:", max_length=128, pattern=r"^(|.*[:_.-])$")
     batch_max: int = Field(32, ge=1, le=1024)  #: prefork: up to this many waiting heimdall.predict tasks per child pass (1 = off)
-    queue: str = Field("heimdall.predict", pattern=r"^[A-Za-z0-9_.:-]{1,200}$")  #: the work queue
+    queue: str = Field("heimdall.predict", pattern=r"^[A-Za-z0-9_.:-]{1,200}$")  #: the work queue (live fixes)
+    #: the queue of batch work (chord chunks, their callback, predict_batch): live fixes never wait behind it
+    batch_queue: str = Field("heimdall.batch", pattern=r"^[A-Za-z0-9_.:-]{1,200}$")
+    #: prefork: children kept free of batch chunks while live heimdall.predict tasks arrive (batch work keeps one)
+    live_reserved_children: int = Field(1, ge=0, le=1024)
+    #: how long after the last live request that reservation holds (then batch work may take every child)
+    live_window_s: float = Field(2.0, ge=0.0, le=3600.0)
     s3_endpoint_url: str = ""  #: MinIO/S3 endpoint for iq_ref claim checks ("" = iq_ref not served)
     metrics_port: int = Field(0, ge=0, le=65535)  #: Prometheus /metrics and /healthz port per worker (0 = off)
     data_dir: str = ""  #: embedded mode: where the filesystem broker, results and SQLite live
@@ -76,6 +85,10 @@ class Settings(BaseSettings):
         if self.task_soft_time_limit_s >= self.task_time_limit_s:
             raise ValueError(f"task_soft_time_limit_s ({self.task_soft_time_limit_s}) must be below "
                              f"task_time_limit_s ({self.task_time_limit_s})")
+        a, b = sorted((self.queue, self.batch_queue), key=len)
+        if a == b or b.startswith(a + "."):  # each is bound as "<name>.#": one would receive the other's messages
+            raise ValueError(f"queue ({self.queue!r}) and batch_queue ({self.batch_queue!r}) must differ, and neither "
+                             "may start with the other's name and a dot (live fixes would wait behind batch work)")
         return self
 
     @classmethod

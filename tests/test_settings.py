@@ -102,12 +102,25 @@ def test_celery_config_is_safe_and_reliable():
     assert conf["task_acks_late"] and conf["task_reject_on_worker_lost"]
     assert conf["broker_transport_options"] == {"confirm_publish": True}
     assert conf["task_time_limit"] < 30 * 60  # below RabbitMQ's consumer timeout
-    q = conf["task_queues"][0]
-    assert q.name == "heimdall.predict" and q.exchange.type == "topic"
-    assert q.queue_arguments["x-queue-type"] == "quorum"
-    assert q.queue_arguments["x-delivery-limit"] == 5
-    assert q.queue_arguments["x-dead-letter-routing-key"] == "heimdall.dead"
+    assert [q.name for q in conf["task_queues"]] == ["heimdall.predict", "heimdall.batch"]
+    for q in conf["task_queues"]:
+        assert q.exchange.type == "topic" and q.routing_key == f"{q.name}.#"
+        assert q.queue_arguments["x-queue-type"] == "quorum"
+        assert q.queue_arguments["x-delivery-limit"] == 5
+        assert q.queue_arguments["x-dead-letter-routing-key"] == "heimdall.dead"
+    # batch work on its own queue; live fixes (and everything else) on the default one
+    assert conf["task_routes"] == {name: {"queue": "heimdall.batch", "routing_key": "heimdall.batch.task"}
+                                   for name in ("heimdall.predict_chunk", "heimdall.collect", "heimdall.predict_batch")}
+    assert conf["task_default_routing_key"] == "heimdall.predict.task"
     assert conf["result_backend"] == "heimdall_inference.worker.result_backend:DeferredRedisBackend+redis://redis:6379/0"
+
+
+@pytest.mark.parametrize("queue, batch_queue", [("work", "work"), ("work", "work.batch"), ("a.b.c", "a.b")])
+def test_live_and_batch_queues_never_receive_each_others_messages(queue, batch_queue):
+    """Each queue is bound as "<name>.#" on a topic exchange: "work.#" would also match "work.batch.task"."""
+    with pytest.raises(ConfigError, match="must differ"):
+        Settings().replace(queue=queue, batch_queue=batch_queue)
+    assert Settings(queue="work", batch_queue="work-batch").batch_queue == "work-batch"
 
 
 def test_celeryconfig_is_build_of_the_process_settings():

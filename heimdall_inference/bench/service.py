@@ -10,6 +10,8 @@ Phases (each bounded in time and count; loopback servers only):
    the backlog stays bounded (late latencies no worse than early ones);
 5. batch: ``predict_batch`` as a chord of chunks over many payloads: fixes/s until every row is in
    the database;
+5b. live during a batch: open-loop live fixes at a fraction of the peak, first alone (idle), then while
+   a large batch (10,000 payloads) runs on the batch queue: the live p95 against the idle p95;
 6. where a task's time goes (from the ``timings_ms`` every fix carries) and broker bytes per fix
    for JSON/base64 vs msgpack bodies.
 
@@ -54,19 +56,24 @@ class BenchConfig:
     open_s: float = 10.0  #: seconds per open-loop level
     batch_payloads: int = 10_000
     chunk_size: int = 64  #: the client's default
+    live_batch_payloads: int = 10_000  #: the batch that runs while live fixes are measured
+    live_fraction: float = 0.25  #: live arrival rate during that batch, as a fraction of the peak
+    live_idle_s: float = 10.0  #: seconds of the same live load alone (the idle p95)
     inprocess_s: float = 5.0
     seed: int = 17
     batch_max: int = 32  #: HEIMDALL_BATCH_MAX of the started worker (1: no micro-batching)
 
     @classmethod
     def quick(cls, **kw: Any) -> "BenchConfig":
-        base = dict(burst=400, closed_s=3.0, open_s=3.0, batch_payloads=1000, inprocess_s=2.0)
+        base = dict(burst=400, closed_s=3.0, open_s=3.0, batch_payloads=1000, inprocess_s=2.0,
+                    live_batch_payloads=5000, live_idle_s=5.0)
         return cls(**{**base, **kw})
 
     @classmethod
     def tiny(cls, **kw: Any) -> "BenchConfig":
         base = dict(unique_payloads=24, burst=40, publishers=(1, 2), closed_levels=(1, 4), closed_s=0.5, open_fractions=(0.5,),
-                    open_s=0.5, batch_payloads=64, chunk_size=16, inprocess_s=0.3, invalid_share=0.05)
+                    open_s=0.5, batch_payloads=64, chunk_size=16, inprocess_s=0.3, invalid_share=0.05,
+                    live_batch_payloads=128, live_idle_s=0.5)
         return cls(**{**base, **kw})
 
 
@@ -199,7 +206,9 @@ def _closed_loop(submit, next_doc, producers: int, seconds: float) -> dict[str, 
             "mean_batch_size": float(np.mean(sizes)) if sizes else math.nan, "_timings": timings}
 
 
-def _open_loop(submit, payloads: _Payloads, rate_per_s: float, seconds: float, seed: int) -> dict[str, Any]:
+def _open_loop(submit, payloads: _Payloads, rate_per_s: float, seconds: float, seed: int,
+               until=lambda: False) -> dict[str, Any]:
+    """Poisson arrivals at ``rate_per_s`` for ``seconds`` (or until ``until()``); latency of each fix."""
     rng = np.random.default_rng(seed)
     lat: list[tuple[float, float]] = []
     errors = 0
@@ -220,7 +229,7 @@ def _open_loop(submit, payloads: _Payloads, rate_per_s: float, seconds: float, s
     start = time.perf_counter()
     next_t = start
     sent = 0
-    while next_t - start < seconds:
+    while next_t - start < seconds and not until():
         now = time.perf_counter()
         if next_t > now:
             time.sleep(next_t - now)
@@ -231,6 +240,7 @@ def _open_loop(submit, payloads: _Payloads, rate_per_s: float, seconds: float, s
         next_t += rng.exponential(1.0 / rate_per_s)
     pool.shutdown(wait=True)
     lat.sort()
+    seconds = min(seconds, next_t - start)
     half = [d for t, d in lat if t - start < seconds / 2]
     late = [d for t, d in lat if t - start >= seconds / 2]
     p_early, p_late = _percentiles(half), _percentiles(late)
@@ -238,6 +248,50 @@ def _open_loop(submit, payloads: _Payloads, rate_per_s: float, seconds: float, s
     return {"target_rate_per_s": rate_per_s, "sent": sent, "fixes": len(lat), "errors": errors,
             **_percentiles([d for _, d in lat]), "p95_first_half_ms": p_early["p95_ms"],
             "p95_second_half_ms": p_late["p95_ms"], "queue_bounded": bounded}
+
+
+def _batch_job(settings: Settings, cfg: BenchConfig, run_id: str, n: int, ready: Any, out: Any) -> None:
+    """A batch job in a process of its own (as a deployment's batch producer is): its own payloads, one chord.
+    Says ``ready`` once its payloads are made, then publishes and waits; puts its figures on ``out``."""
+    from ..client import predict_batch
+    from ..worker.celery_app import configure_app
+
+    configure_app(settings)
+    payloads = _Payloads(cfg, run_id)
+    docs = [payloads.next() for _ in range(n)]
+    ready.set()
+    t0 = time.perf_counter()
+    summary = predict_batch(docs, chunk_size=cfg.chunk_size, timeout_s=600)
+    out.put({"summary": summary, "seconds": time.perf_counter() - t0, "submitted": payloads.count,
+             "invalid": payloads.invalid})
+
+
+def _live_during_batch(submit, settings: Settings, cfg: BenchConfig, run_id: str, payloads: _Payloads,
+                       rate_per_s: float) -> dict[str, Any]:
+    """The same open-loop live load alone, then while a large chord runs; the chord is published by another
+    process (a producer in this one would share its interpreter lock with the live producer)."""
+    idle = _open_loop(submit, payloads, rate_per_s, cfg.live_idle_s, cfg.seed + 100)
+    ctx = get_context("spawn")
+    ready, out = ctx.Event(), ctx.Queue()
+    job = ctx.Process(target=_batch_job, args=(settings, cfg, f"{run_id}-batch", cfg.live_batch_payloads, ready, out))
+    job.start()
+    try:
+        if not ready.wait(timeout=300):
+            raise RuntimeError("the batch job did not get ready in 300 s")
+        during = _open_loop(submit, payloads, rate_per_s, 600.0, cfg.seed + 101,
+                            until=lambda: not out.empty() or not job.is_alive())
+        res = out.get(timeout=600)
+    finally:
+        job.join(timeout=60)
+        if job.is_alive():
+            job.terminate()
+    summary = res["summary"]
+    keys = ("sent", "fixes", "errors", "p50_ms", "p95_ms", "p99_ms")
+    return {"rate_per_s": rate_per_s, "idle": {k: idle[k] for k in keys}, "during": {k: during[k] for k in keys},
+            "batch_submitted": res["submitted"], "batch_invalid": res["invalid"], "batch_seconds": res["seconds"],
+            "batch_fixes": summary["fixes"], "batch_errors": summary["errors"],
+            "batch_fixes_per_s": summary["fixes"] / res["seconds"],
+            "p95_during_over_idle": during["p95_ms"] / idle["p95_ms"] if idle["p95_ms"] > 0 else math.nan}
 
 
 def _message_bytes(payloads: _Payloads) -> dict[str, float]:
@@ -346,6 +400,11 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
                            "fixes_per_s": summary["fixes"] / batch_s,
                            "child_ms_per_chunk": {k: v / max(1, summary["chunks"])
                                                   for k, v in summary.get("timings_ms", {}).items()}}
+        if cfg.live_batch_payloads > 0:
+            rate = cfg.live_fraction * peak
+            progress(f"live fixes at {rate:.0f}/s alone, then during a {cfg.live_batch_payloads}-payload batch ...")
+            report["live_during_batch"] = {"payloads": cfg.live_batch_payloads,
+                                           **_live_during_batch(submit, settings, cfg, run_id, payloads, rate)}
         report["split_ms"] = {k: float(np.mean([t.get(k, 0.0) for t in timings]))
                               for k in STAGES} if timings else {}
         report["message_bytes"] = _message_bytes(payloads)
@@ -357,10 +416,12 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
     finally:
         if worker is not None:
             worker.stop()
-    submitted = payloads.count
+    lb = report.get("live_during_batch", {})
+    submitted = payloads.count + lb.get("batch_submitted", 0)
     fixes, rejected = store.count_fixes() - fixes0, store.count_rejections() - rej0
     report["accounting"] = {"submitted": submitted, "fix_rows": fixes, "rejection_rows": rejected,
-                            "invalid_sent": payloads.invalid, "lost": submitted - fixes - rejected}
+                            "invalid_sent": payloads.invalid + lb.get("batch_invalid", 0),
+                            "lost": submitted - fixes - rejected}
     store.close()
     return report
 
@@ -396,6 +457,14 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"batch chord: {b['payloads']} payloads in chunks of {b['chunk_size']}: {b['fixes_per_s']:.0f} fixes/s, "
                  f"{b['rows']} rows, {b['errors']} rejected -> ratio to in-process {r['ratios']['batch_over_inprocess']:.2f} "
                  "(target >= 0.85)")
+    if r.get("live_during_batch"):
+        lb = r["live_during_batch"]
+        i, d = lb["idle"], lb["during"]
+        lines.append(f"live fixes at {lb['rate_per_s']:.0f}/s: alone p50/p95/p99 {i['p50_ms']:.1f}/{i['p95_ms']:.1f}/"
+                     f"{i['p99_ms']:.1f} ms; during a {lb['payloads']}-payload batch ({lb['batch_fixes_per_s']:.0f} "
+                     f"fixes/s, {lb['batch_seconds']:.1f} s) {d['p50_ms']:.1f}/{d['p95_ms']:.1f}/{d['p99_ms']:.1f} ms, "
+                     f"{d['fixes']} fixes, {d['errors']} errors -> p95 ratio {lb['p95_during_over_idle']:.2f} "
+                     "(target <= 2)")
     if r.get("split_ms"):
         lines.append("per-task split (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in r["split_ms"].items()))
     if r.get("cpu"):

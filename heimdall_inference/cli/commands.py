@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-start-worker", action="store_true", help="use workers that are already running")
     p.add_argument("--batch-max", type=int, default=32,
                    help="HEIMDALL_BATCH_MAX of the started worker: micro-batches of single tasks (1 = off)")
+    p.add_argument("--live-batch", type=int, default=None, metavar="N",
+                   help="payloads of the batch that runs while live fixes are measured (0 = skip that phase)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None, help="latency vs load, throughput vs concurrency (PNG)")
     _add_model(p)
@@ -170,8 +172,9 @@ def _bench(args: argparse.Namespace) -> int:
     from ..bench.service import BenchConfig, format_report, plot_report, save_report, run_service_bench
     from ..settings import Settings, process_settings
 
+    sizes = {} if args.live_batch is None else {"live_batch_payloads": max(0, args.live_batch)}
     cfg = (BenchConfig.tiny if args.tiny else BenchConfig.quick if args.quick else BenchConfig)(
-        workers=args.workers, batch_max=args.batch_max)
+        workers=args.workers, batch_max=args.batch_max, **sizes)
     tmp = Path(tempfile.mkdtemp(prefix="heimdall-bench-"))
     settings = Settings.embedded(tmp) if args.embedded else process_settings()
     report = run_service_bench(settings, cfg, start_worker=not args.no_start_worker, log_dir=tmp,

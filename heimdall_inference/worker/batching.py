@@ -37,7 +37,10 @@ pool's callbacks) comes from :mod:`.celery_internals`, behind its version check.
 from __future__ import annotations
 
 import logging
+import math
+import weakref
 from collections import deque
+from time import monotonic
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -45,7 +48,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from ..errors import TransientError
 from . import celery_internals as internals
 
-__all__ = ["PoolBatcher", "strategy", "run_batch", "take_precomputed", "sent_at_s", "MISSING", "SENT_AT_HEADER"]
+__all__ = ["PoolBatcher", "scheduler_for", "strategy", "bulk_strategy", "run_batch", "take_precomputed", "sent_at_s", "MISSING", "SENT_AT_HEADER"]
 
 log = logging.getLogger(__name__)
 
@@ -130,33 +133,86 @@ def run_batch(items: list[tuple]) -> list[Any]:
 
 
 class PoolBatcher:
-    """Gathers ready requests in the worker's main process and sends them to the pool in batches."""
+    """The worker main process' scheduler for the prefork pool: live micro-batches first, batch work fairly.
 
-    def __init__(self, pool: Any, batch_max: int, slots: int | None = None) -> None:
+    Live ``heimdall.predict`` requests (:meth:`submit`) gather while every child is busy and go in
+    batches of up to ``batch_max`` (``batch_max`` 1: each alone, exactly as Celery would run it). Batch
+    work (:meth:`submit_bulk`: chord chunks) runs one request per child and only on a child no live
+    request is waiting for; while live requests have arrived within ``live_window_s``, at most
+    ``slots - reserved_for_live`` children (never fewer than one) run batch work, so a live fix finds a
+    free child instead of waiting behind a chunk. Nothing is handed to billiard before a child is free
+    for it: a request billiard holds can no longer be overtaken.
+    """
+
+    def __init__(self, pool: Any, batch_max: int, slots: int | None = None, *, reserved_for_live: int = 0,
+                 live_window_s: float = 2.0, app: Any = None, clock: Any = monotonic) -> None:
         self.pool = pool
         self.batch_max = max(1, int(batch_max))
         self.slots = max(1, int(slots if slots is not None else getattr(pool, "num_processes", 1) or 1))
-        self.waiting: deque = deque()
-        self.in_flight = 0
-        self.sizes: deque[int] = deque(maxlen=1000)  #: recent batch sizes (metrics, tests)
+        self.reserved_for_live = max(0, int(reserved_for_live))
+        self.live_window_s = float(live_window_s)
+        if app is None:
+            from .celery_app import app
+        self.app = app
+        self.clock = clock
+        self.waiting: deque = deque()  #: live requests
+        self.bulk: deque = deque()  #: batch-work requests
+        self.in_flight = 0  #: jobs of this scheduler in the pool (live batches and bulk requests)
+        self.bulk_in_flight = 0
+        self.last_live_s = -math.inf
+        self.sizes: deque[int] = deque(maxlen=1000)  #: recent live batch sizes (metrics, tests)
 
     def submit(self, req: Any) -> None:
-        """The consumer's ``on_task_request`` for predict tasks: queue, then send what can go."""
+        """The consumer's ``on_task_request`` for live predict tasks: queue, then send what can go."""
         if internals.is_revoked(req):
             return
+        self.last_live_s = self.clock()
         self.waiting.append(req)
         self.pump()
 
+    def submit_bulk(self, req: Any) -> None:
+        """The consumer's ``on_task_request`` for batch work (chord chunks)."""
+        if internals.is_revoked(req):
+            return
+        self.bulk.append(req)
+        self.pump()
+
+    def bulk_slots(self) -> int:
+        """How many children batch work may hold now."""
+        if self.clock() - self.last_live_s <= self.live_window_s:
+            return max(1, self.slots - self.reserved_for_live)
+        return self.slots
+
     def pump(self) -> None:
-        """Send waiting requests while a child is free; never once a shutdown has begun."""
+        """Send waiting requests while a child is free, live first; never once a shutdown has begun."""
         if internals.shutdown_started():
             return  # the waiting messages stay unacknowledged: the broker gives them to the next worker
-        while self.waiting and self.in_flight < self.slots:
-            batch = [self.waiting.popleft() for _ in range(min(self.batch_max, len(self.waiting)))]
-            # a request Celery no longer reserves was dropped with its connection (the broker redelivers it)
-            batch = [r for r in batch if internals.is_reserved(r) and not internals.is_revoked(r)]
-            if batch:
-                self._send(internals.BatchRequests(batch))
+        while self.in_flight < self.slots:
+            if self.waiting:
+                batch = [self.waiting.popleft() for _ in range(min(self.batch_max, len(self.waiting)))]
+                # a request Celery no longer reserves was dropped with its connection (the broker redelivers it)
+                batch = [r for r in batch if _sendable(r)]
+                if len(batch) == 1 and self.batch_max == 1:
+                    self._send_alone(batch[0], bulk=False)
+                elif batch:
+                    self._send(internals.BatchRequests(batch))
+            elif self.bulk and self.bulk_in_flight < self.bulk_slots():
+                req = self.bulk.popleft()
+                if _sendable(req):
+                    self._send_alone(req, bulk=True)
+            else:
+                return
+
+    def _send_alone(self, req: Any, *, bulk: bool) -> None:
+        self.in_flight += 1
+        self.bulk_in_flight += bulk
+        if not bulk:
+            self.sizes.append(1)
+        try:
+            internals.run_alone_then(req, self.pool, self.app, lambda: self._finished(bulk=bulk))
+        except BaseException:
+            self._finished(bulk=bulk, pump=False)
+            raise
 
     def _send(self, batch: internals.BatchRequests) -> None:
         self.in_flight += 1
@@ -187,26 +243,68 @@ class PoolBatcher:
                                     on_soft_timeout=batch.soft_timed_out, on_done=done, on_failed=failed,
                                     soft_timeout_s=soft_s, timeout_s=hard_s)
         except BaseException:
-            self._finished()
+            self._finished(pump=False)
             raise
 
-    def _finished(self) -> None:
+    def _finished(self, *, bulk: bool = False, pump: bool = True) -> None:
         self.in_flight -= 1
-        self.pump()
+        self.bulk_in_flight -= bulk
+        if pump:
+            self.pump()
+
+
+def _sendable(req: Any) -> bool:
+    return internals.is_reserved(req) and not internals.is_revoked(req)
+
+
+_schedulers: "weakref.WeakKeyDictionary[Any, PoolBatcher]" = weakref.WeakKeyDictionary()
+"""One scheduler per prefork pool (the worker main process has one pool): the live and the batch
+strategies share it, and it outlives the consumer's restarts after a lost connection, so its count
+of busy children stays true while their jobs finish."""
+
+
+def scheduler_for(pool: Any, settings: Any, app: Any) -> PoolBatcher:
+    """The pool's scheduler, made on first use from ``settings``."""
+    sched = _schedulers.get(pool)
+    if sched is None:
+        sched = PoolBatcher(pool, settings.batch_max, reserved_for_live=settings.live_reserved_children,
+                            live_window_s=settings.live_window_s, app=app)
+        _schedulers[pool] = sched
+        log.info("pool scheduler: live micro-batches of up to %d over %d children; batch work on at most %d "
+                 "of them while live requests arrive", sched.batch_max, sched.slots,
+                 max(1, sched.slots - sched.reserved_for_live))
+    return sched
+
+
+def _body_cap(settings: Any) -> int:
+    from .guard import ENVELOPE_BYTES
+
+    return settings.max_payload_bytes * 4 // 3 + ENVELOPE_BYTES  # base64 of the largest IQ, plus the envelope
 
 
 def strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
-    """``heimdall.predict``'s execution strategy: Celery's default behind the message guard, batching
-    on the prefork pool."""
+    """``heimdall.predict``'s execution strategy: Celery's default behind the message guard, through the
+    pool scheduler on the prefork pool."""
     from ..settings import process_settings
-    from .guard import ENVELOPE_BYTES, guard
+    from .guard import guard
 
     settings = process_settings()
-    cap = settings.max_payload_bytes * 4 // 3 + ENVELOPE_BYTES  # base64 of the largest IQ, plus the envelope
     view = consumer
-    if settings.batch_max > 1 and internals.is_prefork_pool(consumer.pool):
-        batcher = PoolBatcher(consumer.pool, settings.batch_max)
-        log.info("heimdall.predict: micro-batches of up to %d over %d children", settings.batch_max, batcher.slots)
-        view = internals.ConsumerView(consumer, batcher.submit)
+    if internals.is_prefork_pool(consumer.pool):
+        view = internals.ConsumerView(consumer, scheduler_for(consumer.pool, settings, app).submit)
     return guard(internals.default_strategy(task, app, view, **kwargs), app=app, consumer=consumer,
-                 max_body_bytes=cap)
+                 max_body_bytes=_body_cap(settings))
+
+
+def bulk_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
+    """The strategy of batch work (``heimdall.predict_chunk``): Celery's default behind the message guard
+    (no size cap: a chunk carries many payloads), through the pool scheduler on the prefork pool, where it
+    yields to live requests."""
+    from ..settings import process_settings
+    from .guard import guard
+
+    view = consumer
+    if internals.is_prefork_pool(consumer.pool):
+        view = internals.ConsumerView(consumer, scheduler_for(consumer.pool, process_settings(), app).submit_bulk)
+    return guard(internals.default_strategy(task, app, view, **kwargs), app=app, consumer=consumer,
+                 max_body_bytes=None)

@@ -12,13 +12,14 @@ import os
 from celery import Celery
 
 from ..settings import Settings, set_process_settings
-from .celery_internals import VersionGuard, reset_producer_state
+from .celery_internals import BatchQueuePrefetch, VersionGuard, reset_producer_state
 
 __all__ = ["app", "configure_app"]
 
 app = Celery("heimdall_inference", include=["heimdall_inference.worker.tasks", "heimdall_inference.worker.lifecycle"])
 app.config_from_object(os.environ.get("CELERY_CONFIG_MODULE", "celeryconfig"))
 app.steps["worker"].add(VersionGuard)
+app.steps["consumer"].add(BatchQueuePrefetch)
 
 
 def configure_app(settings: Settings) -> Celery:

@@ -9,10 +9,12 @@ The service needs a few things those libraries do not offer as public API:
   ``_body``, ``_content_type``, ``_content_encoding``); the tracer itself (``fast_trace_task`` /
   ``trace_task_ret``); the prefork pool's ``apply_async`` with its accept/timeout/result callbacks,
   and the worker Request's side of them (``on_accepted``, ``on_timeout``, ``on_success``,
-  ``on_failure``, ``execute_using_pool``, ``time_limits``, ``revoked``);
+  ``on_failure``, ``execute_using_pool``, ``time_limits``, ``revoked``, ``_apply_result``);
 * **batched and guarded result writes** (:mod:`.result_backend`): ``RedisBackend._store_result``,
   ``Backend._get_result_meta``, and what Celery's Redis ResultConsumer raises when it gives up
   reconnecting (a RuntimeError caused by the connection error);
+* **a prefetch window of its own for the batch queue** (:class:`BatchQueuePrefetch`): the task
+  consumer's ``consume``, wrapped, and the consumer's QoS attributes;
 * **atomic publishes on the filesystem transport** (:mod:`.fs_transport`): ``Channel._put``;
 * **re-pointing a producer's app** (:func:`reset_producer_state`): ``Celery._pool``,
   ``_backend_cache``, ``_local`` and the cached ``amqp`` property.
@@ -47,9 +49,9 @@ from kombu.utils.json import dumps
 from ..errors import ConfigError
 from .guard import usable_task_id
 
-__all__ = ["TESTED_VERSIONS", "installed_versions", "check_versions", "VersionGuard",
+__all__ = ["TESTED_VERSIONS", "installed_versions", "check_versions", "VersionGuard", "BatchQueuePrefetch",
            "default_strategy", "is_prefork_pool", "trace_args", "tracer", "apply_to_pool", "ConsumerView",
-           "BatchRequests", "is_revoked", "is_reserved", "shutdown_started", "run_alone", "guarded",
+           "BatchRequests", "is_revoked", "is_reserved", "shutdown_started", "run_alone", "run_alone_then", "guarded",
            "TolerantResultConsumer", "RedisBackendWithWriteHook", "close_result_backend", "is_result_consumer_failure",
            "AtomicFilesystemChannel",
            "reset_producer_state"]
@@ -92,6 +94,54 @@ class VersionGuard(bootsteps.Step):
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         check_versions()
         super().__init__(parent, **kwargs)
+
+
+class BatchQueuePrefetch(bootsteps.StartStopStep):
+    """Consumer bootstep: the batch queue's consumer gets a prefetch window of its own, a few messages per child.
+
+    Celery sets one prefetch count on the task channel and then consumes every queue on it, so each of
+    the two consumers (per-consumer QoS: quorum queues) would reserve ``prefetch_multiplier`` x children
+    messages: 64 chord chunks of ~4 MB, read by the worker's main process in one go while the live
+    messages it should be dispatching wait. RabbitMQ applies a channel's ``basic.qos`` (not global) to the
+    consumers started after it, so the live queues are consumed first with Celery's count, then the
+    batch queue with ``HEIMDALL_BATCH_PREFETCH_MULTIPLIER`` x children, and the channel's count is put
+    back for any consumer added later. Only on RabbitMQ with per-consumer QoS; elsewhere Celery's as is.
+
+    Reaches in: wraps the task consumer's ``consume`` (kombu ``Consumer``) on this instance, and reads the
+    consumer's ``qos_global``, ``initial_prefetch_count`` and ``qos``.
+    """
+
+    name = "heimdall batch-queue prefetch"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def start(self, c: Any) -> None:
+        from ..settings import process_settings
+
+        settings = process_settings()
+        consumer = c.task_consumer
+        if (consumer is None or getattr(c, "qos_global", True) or c.connection.transport.driver_type != "amqp"
+                or settings.batch_queue not in {q.name for q in consumer.queues}):
+            return
+        children = int(getattr(c.controller, "concurrency", 1) or 1)
+        window = max(1, settings.batch_prefetch_multiplier * children)
+        batch = c.app.amqp.queues[settings.batch_queue]
+        consumer.cancel_by_queue(settings.batch_queue)  # not consumed yet: only taken off the list
+        plain_consume = consumer.consume
+
+        def consume(no_ack: Any = None) -> None:
+            plain_consume(no_ack)  # the live queues, with Celery's prefetch count
+            if consumer.consuming_from(batch.name):
+                return
+            channel = consumer.channel
+            channel.basic_qos(0, window, False)
+            try:
+                consumer.add_queue(batch)
+                plain_consume(no_ack)
+            finally:
+                channel.basic_qos(0, c.qos.value if c.qos is not None else c.initial_prefetch_count, False)
+
+        consumer.consume = consume
+        log.info("%s: %d messages reserved at most (live queues: %d)", batch.name, window, c.initial_prefetch_count)
 
 
 # -- micro-batching (worker main process) ---------------------------------------------------------------
@@ -193,6 +243,39 @@ def shutdown_started() -> bool:
 def run_alone(request: Any, pool: Any) -> None:
     """Send one worker Request to the pool exactly as Celery would have."""
     request.execute_using_pool(pool)
+
+
+def run_alone_then(request: Any, pool: Any, app: Any, on_finished: Callable[[], None]) -> Any:
+    """:func:`run_alone`, then ``on_finished()`` once the pool reports the request done or failed.
+
+    What ``Request.execute_using_pool`` does (the same tracer, arguments, time limits and callbacks), with
+    its result and error callbacks followed by ``on_finished``: Celery's per-task Request class binds the
+    pool's ``apply_async`` when the strategy is made, so a wrapped pool passed to it would not be used.
+    """
+    from weakref import ref
+
+    hard, soft = request.time_limits
+    task = request.task
+
+    def done(result: Any) -> None:
+        try:
+            request.on_success(result)
+        finally:
+            on_finished()
+
+    def failed(exc_info: Any) -> None:
+        try:
+            request.on_failure(exc_info)
+        finally:
+            on_finished()
+
+    result = pool.apply_async(tracer(app), args=trace_args(request), accept_callback=request.on_accepted,
+                              timeout_callback=request.on_timeout, callback=done, error_callback=failed,
+                              soft_timeout=soft or task.soft_time_limit, timeout=hard or task.time_limit,
+                              correlation_id=request.id)
+    if result is not None:
+        request._apply_result = ref(result)  # what a revoke with terminate=True looks up
+    return result
 
 
 class BatchRequests:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..settings import Settings
 from . import fs_transport  # noqa: F401  (registers heimdallfs://)
-from .topology import is_amqp, work_queue
+from .topology import is_amqp, task_routes, work_queues
 
 __all__ = ["build"]
 
@@ -61,9 +61,11 @@ def build(s: Settings) -> dict[str, Any]:
         # Children are recycled by memory, not by task count: the warm model is worth keeping.
         worker_max_memory_per_child=1_500_000,  # KiB
         worker_hijack_root_logger=False,
-        # A quorum work queue on a topic exchange, dead letters to heimdall.dead (topology module);
-        # every task goes to the work queue, and no queue is created by accident.
-        task_queues=(work_queue(s),),
+        # Two quorum queues on a topic exchange, dead letters to heimdall.dead (topology module): live
+        # fixes on the work queue, batch work (chunks, their callback, predict_batch) on its own, so a
+        # large batch never stands in front of a live fix; no queue is created by accident.
+        task_queues=work_queues(s),
+        task_routes=task_routes(s),
         task_default_queue=s.queue,
         task_default_exchange="heimdall",
         task_default_exchange_type="topic",

@@ -4,8 +4,8 @@
   (the :class:`~.celery_internals.VersionGuard` bootstep stops the worker right after); else
   pin glibc's mmap threshold (:mod:`~heimdall_inference.ops.memory`: memory stays flat after large
   messages; the children inherit it), declare ``heimdall.dead`` so that dead letters have somewhere to go,
-  declare the work queue (one clear error, and the queue consumed as it is, when it exists with other
-  arguments such as an older delivery limit); with
+  declare the live and batch queues (one clear error, and the queue consumed as it is, when one exists
+  with other arguments such as an older delivery limit); with
   ``HEIMDALL_METRICS_PORT``, prepare prometheus-client's multiprocess folder and start the exporter
   (``/metrics``, ``/healthz``); install the main process' :class:`~.context.ProcessContext`.
 * ``celeryd_after_setup`` (main process, once logging is set up, before the pool starts): log every
@@ -41,7 +41,7 @@ from ..ops.metrics import prepare_multiprocess_dir
 from ..settings import process_settings
 from .celery_internals import check_versions
 from .context import ProcessContext, build_child_context, current, install
-from .topology import dead_queue, is_amqp, work_queue
+from .topology import dead_queue, is_amqp, work_queues
 
 __all__: list[str] = []
 
@@ -59,30 +59,30 @@ def _declare_dead_letter_queue(worker: Any) -> None:
         log.exception("could not declare heimdall.dead; dead letters would be dropped")
 
 
-def _declare_work_queue(worker: Any, settings: Any) -> None:
-    """Declare the work queue with the configured arguments; if it already exists with others (a changed
-    HEIMDALL_DELIVERY_LIMIT: a queue argument cannot change), say so in one clear line and consume the
-    queue as it is, instead of failing every declare and never starting."""
+def _declare_work_queues(worker: Any, settings: Any) -> None:
+    """Declare the live and batch queues with the configured arguments; if one already exists with others
+    (a changed HEIMDALL_DELIVERY_LIMIT: a queue argument cannot change), say so in one clear line and consume
+    that queue as it is, instead of failing every declare and never starting."""
     if not is_amqp(str(worker.app.conf.broker_url)):
         return
-    wanted = work_queue(settings)
-    try:
-        with worker.app.connection_for_write() as conn:
-            try:
-                wanted(conn.default_channel).declare()
-            except conn.channel_errors as exc:
-                log.error("%s exists with other arguments than these settings ask for (HEIMDALL_DELIVERY_LIMIT=%d): "
-                          "%s. A queue argument cannot change, so this worker consumes the queue as it is. To lower "
-                          "the limit, set a policy (RabbitMQ applies the lower of the two): rabbitmqctl set_policy "
-                          "heimdall-delivery-limit '^%s$' '{\"delivery-limit\": %d}' --apply-to quorum_queues; to "
-                          "raise it, delete the queue once it is empty and restart the workers",
-                          settings.queue, settings.delivery_limit, exc, settings.queue.replace(".", "\\."),
-                          settings.delivery_limit)
-                for q in worker.app.amqp.queues.values():
-                    if q.name == settings.queue:
-                        q.no_declare = True  # the consumer would declare it again, and fail again
-    except Exception:  # the broker is not reachable yet: the consumer's own connection retries say so
-        log.warning("could not check the work queue %s at start", settings.queue, exc_info=True)
+    for wanted in work_queues(settings):
+        try:
+            with worker.app.connection_for_write() as conn:
+                try:
+                    wanted(conn.default_channel).declare()
+                except conn.channel_errors as exc:
+                    log.error("%s exists with other arguments than these settings ask for (HEIMDALL_DELIVERY_LIMIT=%d): "
+                              "%s. A queue argument cannot change, so this worker consumes the queue as it is. To lower "
+                              "the limit, set a policy (RabbitMQ applies the lower of the two): rabbitmqctl set_policy "
+                              "heimdall-delivery-limit '^%s$' '{\"delivery-limit\": %d}' --apply-to quorum_queues; to "
+                              "raise it, delete the queue once it is empty and restart the workers",
+                              wanted.name, settings.delivery_limit, exc, wanted.name.replace(".", "\\."),
+                              settings.delivery_limit)
+                    for q in worker.app.amqp.queues.values():
+                        if q.name == wanted.name:
+                            q.no_declare = True  # the consumer would declare it again, and fail again
+        except Exception:  # the broker is not reachable yet: the consumer's own connection retries say so
+            log.warning("could not check the queue %s at start", wanted.name, exc_info=True)
 
 
 def _start_exporter(worker: Any, port: int) -> MetricsExporter | None:
@@ -109,7 +109,7 @@ def _init_main(sender: Any = None, **_: Any) -> None:
     settings = process_settings()
     pin_mmap_threshold()
     _declare_dead_letter_queue(sender)
-    _declare_work_queue(sender, settings)
+    _declare_work_queues(sender, settings)
     exporter = _start_exporter(sender, settings.metrics_port) if settings.metrics_port > 0 else None
     install(ProcessContext(settings=settings, exporter=exporter))
 

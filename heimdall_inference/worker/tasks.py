@@ -3,7 +3,8 @@
 * ``heimdall.predict(payload)`` -> ``heimdall.fix/v1``; invalid input fails with the typed
   :class:`PayloadError` (``{"code", "message", "field"}``), never retried; an unreachable database
   is retried with exponential backoff.
-* ``heimdall.predict_chunk(payloads, offset)`` -> chunk summary (one vectorised pass, one transaction).
+* ``heimdall.predict_chunk(payloads, offset)`` -> chunk summary (one vectorised pass, one transaction);
+  on the batch queue, and a worker runs it only on a child no live request is waiting for.
 * ``heimdall.predict_batch(payloads, chunk_size)`` -> replaced by a chord of chunks and a summary.
 * ``heimdall.collect(summaries)`` -> ``heimdall.batch/v1`` summary (the chord callback).
 * ``heimdall.model_info()`` -> the model's name, version, hash, providers and card.
@@ -77,7 +78,8 @@ def predict(self, payload: Any) -> dict[str, Any]:
 _GUARDED = "heimdall_inference.worker.guard:guarded_strategy"
 
 
-@app.task(name="heimdall.predict_chunk", bind=True, base=HeimdallTask, Strategy=_GUARDED, **_retry)
+@app.task(name="heimdall.predict_chunk", bind=True, base=HeimdallTask,
+          Strategy="heimdall_inference.worker.batching:bulk_strategy", **_retry)
 def predict_chunk(self, payloads: list[Any], offset: int = 0) -> dict[str, Any]:
     if not isinstance(payloads, list):
         raise PayloadError(PayloadCode.INVALID_FIELD, "a chunk is a list of payloads", "payloads")

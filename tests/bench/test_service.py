@@ -21,12 +21,15 @@ def test_tiny_bench_on_the_real_servers_accounts_for_every_payload(live, live_wo
     assert a["lost"] == 0 and a["submitted"] == a["fix_rows"] + a["rejection_rows"]
     assert a["rejection_rows"] == a["invalid_sent"]
     assert report["batch"]["rows"] + report["batch"]["errors"] == 64
+    lb = report["live_during_batch"]
+    assert lb["batch_fixes"] + lb["batch_errors"] == 128 and lb["during"]["errors"] == lb["idle"]["errors"] == 0
+    assert lb["idle"]["fixes"] > 0 and lb["during"]["fixes"] > 0 and lb["p95_during_over_idle"] > 0
     assert [c["producers"] for c in report["closed_loop"]] == [1, 4]
     assert all(c["errors"] == 0 for c in report["closed_loop"])
     assert report["ratios"]["single_over_noop"] > 0 and report["ratios"]["batch_over_inprocess"] > 0
     assert 1.0 < report["message_bytes"]["json_base64_bytes_per_fix"] / report["message_bytes"]["msgpack_bytes_per_fix"]
     text = format_report(report)
-    assert "accounting" in text and "lost 0" in text
+    assert "accounting" in text and "lost 0" in text and "-payload batch" in text
     assert plot_report(report, tmp_path / "b.png").stat().st_size > 10_000
 
 

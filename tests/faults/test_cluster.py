@@ -32,7 +32,10 @@ def test_a_node_of_a_three_node_cluster_stops_under_load(tmp_path, scenes_and_pa
     with isolated_worker("cluster", tmp_path / "w.log", concurrency=2, broker_url=urls,
                          stop_timeout_s=30) as (_, store, worker):
         members = cluster[0].ctl("list_queues", "name", "type", "members")
-        assert "heimdall.predict" in members and all(n.node in members for n in cluster), members
+        lines = {line.split()[0]: line for line in members.splitlines() if line.startswith("heimdall.")}
+        for queue in ("heimdall.predict", "heimdall.batch"):  # both work queues replicated on every node
+            assert queue in lines and "quorum" in lines[queue], members
+            assert all(n.node in lines[queue] for n in cluster), members
         with Burst(scenes_and_payloads[1][:40], "cluster", rate_per_s=40, count=400) as burst:
             assert wait_until(lambda: count_fixes(store) >= 40, 60, 0.1)
             t0 = time.monotonic()

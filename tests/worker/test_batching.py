@@ -63,7 +63,7 @@ class FakePool:
         self.jobs: list[dict] = []
 
     def apply_async(self, fn, args, **callbacks):
-        self.jobs.append({"items": args[0], **callbacks})
+        self.jobs.append({"fn": fn, "args": args, "items": args[0], **callbacks})
 
 
 def test_a_lone_request_goes_at_once_and_requests_gather_while_children_are_busy():
@@ -156,6 +156,100 @@ def test_nothing_new_starts_once_a_shutdown_began(celery_worker_state):
     pool.jobs[0]["callback"](["fix0"])
     assert len(pool.jobs) == 1 and len(b.waiting) == 2  # left unacknowledged: the broker hands them on
     assert all(r.events == [] for r in reqs[1:])
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _kinds(pool: FakePool) -> list[str]:
+    """What each pool job is: a live batch (its size) or a lone request (its task id)."""
+    return [f"live:{len(j['items'])}" if isinstance(j["items"], list) else f"alone:{j['args'][1]}" for j in pool.jobs]
+
+
+def test_batch_work_takes_every_free_child_when_no_live_request_came():
+    pool, clock = FakePool(), Clock()
+    b = PoolBatcher(pool, batch_max=4, slots=2, reserved_for_live=1, live_window_s=2.0, clock=clock)
+    chunks = [FakeRequest(f"c{i}") for i in range(3)]
+    for c in chunks:
+        b.submit_bulk(c)
+    assert _kinds(pool) == ["alone:c0", "alone:c1"] and b.bulk_in_flight == 2 and len(b.bulk) == 1
+    pool.jobs[0]["accept_callback"](7, 0.0)
+    pool.jobs[0]["callback"]((False, "summary0", 0.1))  # the tracer's result goes to the request itself
+    assert chunks[0].events == [("accepted", 7), ("success", (False, "summary0", 0.1))]
+    assert _kinds(pool)[-1] == "alone:c2" and b.in_flight == 2
+
+
+def test_a_live_request_never_waits_behind_batch_work():
+    """While live requests arrive, batch work leaves one child free; a live request waiting when a child
+    finishes goes before any chunk; once live traffic stops, batch work takes every child again."""
+    pool, clock = FakePool(), Clock()
+    b = PoolBatcher(pool, batch_max=8, slots=2, reserved_for_live=1, live_window_s=2.0, clock=clock)
+    b.submit(FakeRequest("live0"))
+    pool.jobs[0]["callback"](["fix"])  # the live request ran at once; live traffic is now recent
+    for i in range(4):
+        b.submit_bulk(FakeRequest(f"c{i}"))
+    assert _kinds(pool)[1:] == ["alone:c0"]  # one child runs a chunk, one stays free for live
+    b.submit(FakeRequest("live1"))
+    assert _kinds(pool)[-1] == "live:1"  # it found the free child at once
+    b.submit(FakeRequest("live2"))
+    b.submit(FakeRequest("live3"))  # both children busy: they wait, ahead of the chunks
+    pool.jobs[1]["error_callback"]("WorkerLostError")  # the chunk's child died: Celery's own failure path
+    assert _kinds(pool)[-1] == "live:2"
+    pool.jobs[2]["callback"](["f1"])
+    pool.jobs[3]["callback"](["f2", "f3"])  # no live request waits: one chunk again, the other child free
+    assert _kinds(pool)[4:] == ["alone:c1"] and b.bulk_in_flight == 1
+    clock.now += 2.5  # no live request for longer than the window
+    pool.jobs[4]["callback"]((False, "s1", 0.1))
+    assert _kinds(pool)[5:] == ["alone:c2", "alone:c3"] and b.bulk_in_flight == 2
+
+
+def test_one_child_still_runs_batch_work_beside_live_traffic():
+    pool, clock = FakePool(), Clock()
+    b = PoolBatcher(pool, batch_max=8, slots=1, reserved_for_live=1, clock=clock)
+    b.submit(FakeRequest("live0"))
+    b.submit_bulk(FakeRequest("c0"))
+    pool.jobs[0]["callback"](["fix"])
+    assert _kinds(pool) == ["live:1", "alone:c0"]
+
+
+def test_batch_max_one_runs_each_live_request_alone():
+    pool = FakePool()
+    b = PoolBatcher(pool, batch_max=1, slots=1)
+    for i in range(3):
+        b.submit(FakeRequest(f"r{i}"))
+    pool.jobs[0]["callback"]((False, "fix0", 0.0))
+    assert _kinds(pool) == ["alone:r0", "alone:r1"] and list(b.sizes) == [1, 1]
+
+
+def test_batch_work_of_a_lost_connection_or_a_shutdown_is_not_started(celery_worker_state):
+    pool = FakePool()
+    b = PoolBatcher(pool, batch_max=4, slots=1)
+    chunks = [FakeRequest(f"c{i}") for i in range(3)]
+    for c in chunks:
+        b.submit_bulk(c)
+    celery_worker_state.reserved_requests.discard(chunks[1])  # dropped with its connection
+    pool.jobs[0]["callback"]((False, "s0", 0.0))
+    assert _kinds(pool) == ["alone:c0", "alone:c2"]
+    b.submit_bulk(FakeRequest("c3"))
+    celery_worker_state.should_stop = 0
+    pool.jobs[1]["callback"]((False, "s2", 0.0))
+    assert len(pool.jobs) == 2 and len(b.bulk) == 1
+
+
+def test_the_live_and_batch_strategies_share_one_scheduler_per_pool():
+    from heimdall_inference.settings import Settings
+    from heimdall_inference.worker.batching import scheduler_for
+
+    pool, other = FakePool(), FakePool()
+    s = Settings(live_reserved_children=1, live_window_s=0.5, batch_max=16)
+    first = scheduler_for(pool, s, app=None)
+    assert scheduler_for(pool, s, app=None) is first and scheduler_for(other, s, app=None) is not first
+    assert (first.batch_max, first.reserved_for_live, first.live_window_s) == (16, 1, 0.5)
 
 
 def _sent(pool: FakePool) -> list:

@@ -73,7 +73,7 @@ def test_a_changed_delivery_limit_is_one_clear_error_and_the_worker_still_serves
     declare heimdall.predict (PRECONDITION_FAILED) and never start."""
     import copy
 
-    from heimdall_inference.client import predict
+    from heimdall_inference.client import predict, predict_batch
     from heimdall_inference.worker.process import WorkerProcess
 
     from ..live import isolated_worker
@@ -85,9 +85,12 @@ def test_a_changed_delivery_limit_is_one_clear_error_and_the_worker_still_serves
             changed.wait_ready()
             fix = predict({**copy.deepcopy(scenes_and_payloads[1][0]), "request_id": "qargs"}, timeout_s=30)
             assert fix["request_id"] == "qargs"
+            batch = [{**copy.deepcopy(d), "request_id": f"qargs-b{i}"} for i, d in enumerate(scenes_and_payloads[1][:3])]
+            assert predict_batch(batch, chunk_size=2, timeout_s=60)["fixes"] == 3  # the batch queue too
             log = changed.log_path.read_text()
-            assert "heimdall.predict exists with other arguments than these settings ask for " \
-                   "(HEIMDALL_DELIVERY_LIMIT=7)" in log and "set_policy" in log
+            for queue in ("heimdall.predict", "heimdall.batch"):
+                assert f"{queue} exists with other arguments than these settings ask for " \
+                       "(HEIMDALL_DELIVERY_LIMIT=7)" in log and "set_policy" in log
             assert changed.proc.poll() is None
         finally:
             changed.stop()

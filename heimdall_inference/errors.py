@@ -6,7 +6,9 @@
     ├── PayloadError            invalid input: never retried, reported as {"code", "message", "field"}
     ├── ModelError
     │   ├── ModelLoadError      the ONNX file or its metadata cannot be used
-    │   └── InferenceError      onnxruntime failed while running the session
+    │   ├── InferenceError      onnxruntime failed while running the session
+    │   └── RegistryError       the model registry refused a request, or a version is not acceptable
+    │       └── RegistryUnavailable  the registry (or its artifact store) did not answer
     ├── StorageError            a store refused a write or read for good
     ├── TransientError          marker: a retry may succeed (broker, database, cache blips)
     │   ├── BrokerUnavailable   a producer could not publish, even after its retries
@@ -28,6 +30,8 @@ __all__ = [
     "ModelError",
     "ModelLoadError",
     "InferenceError",
+    "RegistryError",
+    "RegistryUnavailable",
     "StorageError",
     "TransientError",
     "BrokerUnavailable",
@@ -115,6 +119,15 @@ class ModelLoadError(ModelError):
 
 class InferenceError(ModelError):
     """onnxruntime failed while running the session."""
+
+
+class RegistryError(ModelError):
+    """The model registry (MLflow) refused a request, or a registered version is not acceptable
+    (no such alias, a checksum or contract mismatch)."""
+
+
+class RegistryUnavailable(RegistryError):
+    """The registry or its artifact store did not answer (a worker falls back to its cached version)."""
 
 
 class StorageError(HeimdallError):

@@ -35,7 +35,8 @@ def build(s: Settings) -> dict[str, Any]:
         # Fixes take about a millisecond: reserved messages per child hide the broker round trip.
         # They are also what a free child's micro-batch is drawn from (HEIMDALL_BATCH_MAX caps it):
         # 100 closed-loop producers got ~460 fixes/s with 32, ~360 with 8 or 16 (docs/performance.md).
-        # The price is memory for chords: 32 x children chunk messages of ~4 MB (64 payloads) each.
+        # Batch messages (chunks of ~4 MB) have a window of their own, HEIMDALL_BATCH_PREFETCH_MULTIPLIER
+        # per child (celery_internals.BatchQueuePrefetch).
         worker_prefetch_multiplier=s.prefetch_multiplier,
         # Keep retrying the broker at start-up (compose starts RabbitMQ and the workers together).
         broker_connection_retry_on_startup=True,

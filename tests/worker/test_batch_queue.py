@@ -67,3 +67,18 @@ def test_chunks_travel_on_the_batch_queue_and_live_fixes_do_not_wait_behind_them
             assert sum(waited_chunks) < len(batch) / chunk / 2, waited_chunks
         finally:
             again.stop()
+
+
+def test_the_batch_queue_has_a_prefetch_window_of_its_own(tmp_path):
+    """Celery sets one prefetch count for every consumer on its channel: 64 chunks of ~4 MB would be read at
+    once by the main process. The batch queue's consumer gets HEIMDALL_BATCH_PREFETCH_MULTIPLIER x children."""
+    from ..live import isolated_worker
+
+    with isolated_worker("bqpf", tmp_path / "w.log", concurrency=2, prefetch_multiplier=4,
+                         batch_prefetch_multiplier=3) as (settings, _store, _worker):
+        vhost = settings.broker_url.rsplit("/", 1)[1]
+        out = subprocess.run(["rabbitmqctl", "-q", "list_consumers", "-p", vhost, "queue_name", "prefetch_count",
+                              "--no-table-headers"], check=True, capture_output=True, text=True, timeout=60).stdout
+        windows = {q: int(n) for q, n in (line.split() for line in out.splitlines() if line.strip())}
+        assert {q: windows.get(q) for q in (settings.queue, settings.batch_queue)} == {
+            settings.queue: 8, settings.batch_queue: 6}

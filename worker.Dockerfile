@@ -2,10 +2,12 @@
 #   docker build -f worker.Dockerfile -t heimdall-inference-worker .
 #   docker run --env-file .env heimdall-inference-worker
 FROM python:3.11-slim-bookworm AS build
+# extras: flower (the dashboard); add registry for the MLflow client the `model` commands use (not the workers)
+ARG EXTRAS=flower
 WORKDIR /src
 COPY pyproject.toml setup.cfg README.md celeryconfig.py ./
 COPY heimdall_inference ./heimdall_inference
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[flower]"
+RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[${EXTRAS}]"
 
 FROM python:3.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -17,6 +19,8 @@ WORKDIR /app
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 COPY celeryconfig.py ./
+# verified registry downloads (HEIMDALL_MODEL_URI=models:/...): ~/.cache/heimdall/models, a volume in compose
+RUN mkdir -p /app/.cache/heimdall/models && chown -R heimdall:heimdall /app/.cache
 USER 10001:10001
 # /metrics for Prometheus and /healthz (live children and a broker connection) on HEIMDALL_METRICS_PORT.
 ENV HEIMDALL_METRICS_PORT=9808

@@ -38,7 +38,12 @@ class Settings(BaseSettings):
     result_backend: str = Field("redis://redis:6379/0", min_length=1)  #: where task results live (expiring)
     cache_url: str = "redis://redis:6379/1"  #: prediction cache; "" disables it
     database_url: str = Field("postgresql://heimdall:heimdall@db:5432/heimdall", min_length=1)  #: predictions table
-    model_path: str = ""  #: ONNX file; "" = the model shipped in the package
+    model_path: str = ""  #: ONNX file; "" = the model shipped in the package (HEIMDALL_MODEL_URI wins when set)
+    #: what to serve: "" (model_path, else the shipped model), a file, models:/<name>@<alias> or models:/<name>/<version>
+    #: (the MLflow registry at MLFLOW_TRACKING_URI)
+    model_uri: str = Field("", max_length=1024)
+    model_cache_dir: str = ""  #: verified registry downloads on this host ("" = <data_dir>/models or ~/.cache/heimdall/models)
+    registry_timeout_s: float = Field(5.0, gt=0, le=300)  #: per registry request at start (then the cached version)
     onnx_threads: int = Field(1, ge=1, le=64)  #: intra-op threads per worker child (children x threads <= cores)
     onnx_providers: str = Field("CPUExecutionProvider", min_length=1)  #: comma-separated execution providers, in order
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)  #: cap on one serialized payload

@@ -1,4 +1,4 @@
-"""Server instances of a test's own, on free loopback ports: PostgreSQL, Redis and RabbitMQ.
+"""Server instances of a test's own, on free loopback ports: PostgreSQL, Redis, RabbitMQ, MLflow (+ S3).
 
 The fault tests stop, kill, freeze and restart these, never the shared servers on the standard
 ports. Each one lives in a temporary folder that ``close()`` removes. Needs the servers' binaries
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .live import unavailable
 
-__all__ = ["free_port", "PrivatePostgres", "PrivateRedis", "PrivateRabbit"]
+__all__ = ["free_port", "PrivatePostgres", "PrivateRedis", "PrivateRabbit", "PrivateMlflow"]
 
 
 def free_port() -> int:
@@ -220,4 +220,85 @@ class PrivateRabbit:
 
     def close(self) -> None:
         self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateMlflow:
+    """A real MLflow tracking server (SQLite backend store) whose artifacts go to S3 on a ``moto`` server,
+    both on free loopback ports, each in a process group of its own (MLflow's job consumers outlive a killed
+    server process otherwise). ``env`` is what a client needs: MLFLOW_TRACKING_URI and the S3 settings."""
+
+    BUCKET = "heimdall-models"
+
+    def __init__(self) -> None:
+        if shutil.which("mlflow") is None or shutil.which("moto_server") is None:
+            unavailable("mlflow and moto_server (pip install -e '.[test]')")
+        self.dir = Path(tempfile.mkdtemp(prefix="heimdall-mlflow-"))
+        self.s3_port, self.port = free_port(), free_port()
+        self.s3_url = f"http://127.0.0.1:{self.s3_port}"
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                    "MLFLOW_S3_ENDPOINT_URL": self.s3_url, "MLFLOW_TRACKING_URI": self.url}
+        # no job runner (MLflow starts huey consumers for server-side jobs this registry does not use)
+        env = {**os.environ, **self.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self._logs = []
+        self._moto = self._start(["moto_server", "-H", "127.0.0.1", "-p", str(self.s3_port)], "moto.log", env)
+        if not _wait_port(self.s3_port, 30):
+            self.close()
+            raise RuntimeError("moto_server did not start")
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.s3_url, region_name="us-east-1", aws_access_key_id="test",
+                     aws_secret_access_key="test").create_bucket(Bucket=self.BUCKET)
+        self._server = self._start(["mlflow", "server", "--backend-store-uri", f"sqlite:///{self.dir / 'mlflow.db'}",
+                                    "--artifacts-destination", f"s3://{self.BUCKET}", "--host", "127.0.0.1",
+                                    "--port", str(self.port), "--workers", "1"], "mlflow.log", env)
+        if not self._healthy(90):
+            log = (self.dir / "mlflow.log").read_text(errors="replace")[-2000:]
+            self.close()
+            raise RuntimeError(f"mlflow server did not start:\n{log}")
+
+    def _start(self, cmd: list[str], log: str, env: dict[str, str]) -> subprocess.Popen:
+        f = open(self.dir / log, "wb")
+        self._logs.append(f)
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=self.dir, start_new_session=True)
+
+    def _healthy(self, timeout_s: float) -> bool:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._server.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return True
+            except OSError:
+                pass
+            time.sleep(0.3)
+        return False
+
+    def s3_keys(self) -> list[str]:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=self.s3_url, region_name="us-east-1", aws_access_key_id="test",
+                          aws_secret_access_key="test")
+        return [o["Key"] for o in s3.list_objects_v2(Bucket=self.BUCKET).get("Contents", [])]
+
+    def close(self) -> None:
+        for proc in (getattr(self, "_server", None), getattr(self, "_moto", None)):
+            if proc is None or proc.poll() is not None:
+                continue
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=15)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=15)
+        for f in self._logs:
+            f.close()
         shutil.rmtree(self.dir, ignore_errors=True)

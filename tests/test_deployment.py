@@ -36,6 +36,13 @@ def test_compose_file_is_valid_and_complete(tmp_path):
     assert "container_name" not in worker  # --scale worker=N needs unnamed containers
     assert worker["environment"]["HEIMDALL_BROKER_URL"].startswith("amqp://")
     assert worker["environment"]["HEIMDALL_METRICS_PORT"] == "9808"
+    # the model lifecycle: workers serve the registry's production alias, registered on the first start
+    assert worker["environment"]["HEIMDALL_MODEL_URI"] == "models:/localization_model@production"
+    assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert worker["depends_on"]["model-register"]["condition"] == "service_completed_successfully"
+    reg = cfg["services"]["model-register"]
+    assert reg["command"][:3] == ["heimdall-inference", "model", "bootstrap"] and "registry" in reg["build"]["args"]["EXTRAS"]
+    assert "--artifacts-destination" in cfg["services"]["mlflow"]["command"]
     scrape = (ROOT / "deploy" / "prometheus.yml").read_text()
     assert "names: [worker]" in scrape and "port: 9808" in scrape
     # the validator really validates: a broken file fails

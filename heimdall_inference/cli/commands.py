@@ -5,7 +5,7 @@
     heimdall-inference evaluate --scenes 1000                      # model vs grid posterior vs CRB
     heimdall-inference bench --in-process                          # the pipeline's own limit
     heimdall-inference bench --quick --plot bench.png              # the service over HEIMDALL_* servers
-    heimdall-inference model info
+    heimdall-inference model info | register FILE | promote VERSION --alias A | list   # MLflow registry
     heimdall-inference demo                                        # the service, embedded: tasks + chord
     heimdall-inference db init                                     # predictions + rejections tables
     heimdall-inference submit scenes/scene-0000.json               # through the broker (HEIMDALL_* env)
@@ -86,9 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=100, help="list: at most this many")
     p.add_argument("--yes", action="store_true", help="purge: confirm dropping every dead letter")
 
-    p = sub.add_parser("model", help="model information")
-    p.add_argument("action", choices=("info",))
-    _add_model(p)
+    from .registry import add_parser as add_model_parser
+
+    add_model_parser(sub)
 
     p = sub.add_parser("demo", help="the service on this machine alone: a real worker on an embedded broker, "
                                     "simulated transmissions as tasks and a batch chord, a table and a map")
@@ -258,10 +258,9 @@ def _dead(args: argparse.Namespace) -> int:
 
 
 def _model(args: argparse.Namespace) -> int:
-    from ..core.session import ModelSession
+    from .registry import run
 
-    print(json.dumps(ModelSession(args.model).info(), indent=2))
-    return 0
+    return run(args)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -17,8 +17,9 @@ SCHEMA_FIX = "heimdall.fix/v1"
 
 def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.ndarray, spec: ModelSpec, *,
                 timings_ms: dict[str, float], task_ids: list[str | None] | None = None,
-                alias: str | None = None) -> list[dict[str, Any]]:
-    """One fix document per payload; ``mean_enu`` [B, 2] metres, ``cov`` [B, 2, 2] m^2 (vectorised)."""
+                alias: str | None = None, name: str | None = None, version: str | None = None) -> list[dict[str, Any]]:
+    """One fix document per payload; ``mean_enu`` [B, 2] metres, ``cov`` [B, 2, 2] m^2 (vectorised).
+    ``name``/``version`` (a registered model's) replace the ones in the model's own metadata."""
     if not decoded:
         return []
     b = len(decoded)
@@ -31,7 +32,7 @@ def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.nda
     shapes = geojson_polygons(lon_all[b:].reshape(rings.shape[:2]), lat_all[b:].reshape(rings.shape[:2]),
                               DEFAULT_CONFIDENCES[-1])
     task_ids = task_ids or [None] * len(decoded)
-    model = {"name": spec.name, "version": spec.version, "alias": alias}
+    model = {"name": name or spec.name, "version": version or spec.version, "alias": alias}
     out = []
     for i, d in enumerate(decoded):
         c = cov[i]

@@ -41,9 +41,12 @@ class Localizer:
     """Warm model + decoder + feature plan; create one per process (after fork)."""
 
     def __init__(self, model_path: str | Path | None = None, *, session_options: SessionOptions | None = None,
-                 limits: Limits | None = None, fetch_iq_ref: IqRefFetcher | None = None) -> None:
+                 limits: Limits | None = None, fetch_iq_ref: IqRefFetcher | None = None,
+                 name: str | None = None, version: str | None = None) -> None:
         self.session = ModelSession(model_path, session_options)
         self.spec = self.session.spec
+        self.name = name or self.spec.name  #: what fixes call the model (a registered model's name)
+        self.version = version or self.spec.version  #: and its version (the registry's, for a registered one)
         self.decoder = PayloadDecoder(self.spec, limits, fetch_iq_ref)
         self.plan = FeaturePlan(self.spec.features)
         self._slot = self.spec.network.index
@@ -91,13 +94,14 @@ class Localizer:
         ok = np.isfinite(est.mean_enu).all(axis=1) & np.isfinite(est.cov).all(axis=(1, 2))
         if ok.all():
             return list(build_fixes(list(decoded), est.mean_enu, est.cov, self.spec, timings_ms=timings,
-                                    task_ids=task_ids, alias=alias))
+                                    task_ids=task_ids, alias=alias, name=self.name, version=self.version))
         keep = np.flatnonzero(ok)
         out: list[dict[str, Any] | InferenceError] = [
             InferenceError(f"the model gave a non-finite position or covariance for receivers "
                            f"{list(decoded[i].receiver_ids)}") for i in range(b)]
         built = build_fixes([decoded[i] for i in keep], est.mean_enu[keep], est.cov[keep], self.spec, timings_ms=timings,
-                            task_ids=[task_ids[i] for i in keep] if task_ids else None, alias=alias)
+                            task_ids=[task_ids[i] for i in keep] if task_ids else None, alias=alias,
+                            name=self.name, version=self.version)
         for i, fix in zip(keep, built):
             out[i] = fix
         return out

@@ -16,12 +16,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServiceMetrics", "prepare_multiprocess_dir", "STAGES"]
+__all__ = ["ServiceMetrics", "prepare_multiprocess_dir", "count_registry_fallback", "STAGES"]
 
 STAGES = ("queue", "decode", "features", "inference", "store")
 _CACHED_STAGES = ("queue", "decode", "store")
 _STAGE_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def count_registry_fallback(registry: Any = None) -> None:
+    """A worker's main process started on its cached model because the registry did not answer."""
+    from prometheus_client import Counter
+
+    Counter("heimdall_model_registry_fallbacks", "Worker starts that served the cached model version because the "
+            "model registry did not answer", registry=registry).inc()
 
 
 def prepare_multiprocess_dir() -> Path:
@@ -51,7 +59,7 @@ class ServiceMetrics:
     """
 
     def __init__(self, registry: Any = None) -> None:
-        from prometheus_client import Counter, Histogram
+        from prometheus_client import Counter, Gauge, Histogram
 
         reg = registry
         self.fixes = Counter("heimdall_fixes", "Fixes returned, by origin", ["cached"], registry=reg)
@@ -64,6 +72,12 @@ class ServiceMetrics:
                                buckets=_STAGE_BUCKETS_S, registry=reg)
         self.batch = Histogram("heimdall_batch_size", "heimdall.predict requests handled in one pass",
                                buckets=_BATCH_BUCKETS, registry=reg)
+        self.model = Gauge("heimdall_model_info", "The model this child serves (1), by name, version, alias and where "
+                           "it came from (registry, cache: the registry did not answer at start, file, shipped)",
+                           ["name", "version", "alias", "source"], registry=reg, multiprocess_mode="liveall")
+
+    def model_loaded(self, name: str, version: str, alias: str | None, source: str) -> None:
+        self.model.labels(name=name, version=version, alias=alias or "", source=source).set(1)
 
     def fixes_done(self, fixes: Iterable[dict[str, Any]]) -> None:
         for f in fixes:

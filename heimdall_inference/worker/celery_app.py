@@ -2,7 +2,8 @@
 
 Settings come from the ``celeryconfig`` module (``CELERY_CONFIG_MODULE`` overrides the name), loaded
 on first use; the tasks live in :mod:`.tasks`, the per-process set-up in :mod:`.lifecycle`. Every
-worker starts with :class:`.celery_internals.VersionGuard`, which refuses an untested Celery.
+worker starts with :class:`.celery_internals.VersionGuard`, which refuses an untested Celery, and
+:class:`.lifecycle.ModelGuard`, which refuses to consume without a model to serve.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from celery import Celery
 
 from ..settings import Settings, set_process_settings
 from .celery_internals import BatchQueuePrefetch, VersionGuard, reset_producer_state
+from .lifecycle import ModelGuard
 
 __all__ = ["app", "configure_app"]
 
 app = Celery("heimdall_inference", include=["heimdall_inference.worker.tasks", "heimdall_inference.worker.lifecycle"])
 app.config_from_object(os.environ.get("CELERY_CONFIG_MODULE", "celeryconfig"))
 app.steps["worker"].add(VersionGuard)
+app.steps["worker"].add(ModelGuard)
 app.steps["consumer"].add(BatchQueuePrefetch)
 
 

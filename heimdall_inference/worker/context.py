@@ -28,12 +28,13 @@ from ..core.payload import Limits
 from ..core.session import SessionOptions
 from ..ops.exporter import MetricsExporter
 from ..ops.metrics import ServiceMetrics
+from ..registry.resolve import ResolvedModel
 from ..settings import Settings, process_settings
 from ..store import open_store
 from ..store.cache import FixCache
 from .service import Service
 
-__all__ = ["ProcessContext", "build_service", "build_child_context", "current", "current_service", "install",
+__all__ = ["ProcessContext", "build_service", "build_child_context", "current", "parent", "current_service", "install",
            "metrics_enabled"]
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class ProcessContext:
     service: Service | None = None  #: pool children: the warm pipeline around the model
     metrics: ServiceMetrics | None = None  #: pool children: counters and histograms (multiprocess files)
     exporter: MetricsExporter | None = None  #: main process: /metrics and /healthz
+    model: ResolvedModel | None = None  #: main process: the model resolved at start (children load it)
+    model_error: str | None = None  #: main process: why no model could be resolved (the worker then refuses to start)
     pid: int = field(default_factory=os.getpid)  #: the process that built it (and may close it)
 
     def with_(self, **changes: Any) -> "ProcessContext":
@@ -70,47 +73,65 @@ def metrics_enabled(settings: Settings) -> bool:
     return settings.metrics_port > 0 and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
-def build_service(settings: Settings, metrics: ServiceMetrics | None = None) -> Service:
-    """The warm Service for one process, from settings (loads the model: call it after fork)."""
+def build_service(settings: Settings, metrics: ServiceMetrics | None = None,
+                  model: ResolvedModel | None = None) -> Service:
+    """The warm Service for one process, from settings (loads the model: call it after fork). ``model`` is
+    what the worker's main process resolved at start; without one, ``model_path`` (else the shipped model)."""
     fetch = None
     if settings.s3_endpoint_url:
         from ..store.objectstore import S3Fetcher
 
         fetch = S3Fetcher(settings.s3_endpoint_url)
-    loc = Localizer(settings.model_path or None,
-                    session_options=SessionOptions(intra_op_threads=settings.onnx_threads,
-                                                   providers=settings.providers),
-                    limits=Limits(max_payload_bytes=settings.max_payload_bytes), fetch_iq_ref=fetch)
+    path = model.path if model is not None else (settings.model_path or None)
+    loc = Localizer(path, session_options=SessionOptions(intra_op_threads=settings.onnx_threads,
+                                                         providers=settings.providers),
+                    limits=Limits(max_payload_bytes=settings.max_payload_bytes), fetch_iq_ref=fetch,
+                    name=model.name if model is not None else None,
+                    version=model.version if model is not None else None)
     store = open_store(settings.database_url, schema=settings.db_schema, pool_max=settings.db_pool_max,
                        statement_timeout_ms=settings.db_statement_timeout_ms)
     cache = FixCache(settings.cache_url, ttl_s=settings.cache_ttl_s, prefix=settings.redis_key_prefix) \
         if settings.cache_url else None
     # a soft time limit ends the whole pass (its requests retry), it is never one request's outcome
-    return Service(loc, store, cache, metrics=metrics, interrupts=(SoftTimeLimitExceeded,))
+    if metrics is not None:
+        metrics.model_loaded(loc.name, loc.version, model.alias if model else None, model.source if model else "shipped")
+    return Service(loc, store, cache, alias=model.alias if model is not None else None, metrics=metrics,
+                   interrupts=(SoftTimeLimitExceeded,))
 
 
-def build_child_context(settings: Settings, metrics: ServiceMetrics | None = None) -> ProcessContext:
+def build_child_context(settings: Settings, metrics: ServiceMetrics | None = None,
+                        model: ResolvedModel | None = None) -> ProcessContext:
     """A pool child's context: metrics (when exported) and the warm service."""
     if metrics is None and metrics_enabled(settings):
         metrics = ServiceMetrics(registry=None)  # multiprocess mode: the files are the registry
-    return ProcessContext(settings=settings, service=build_service(settings, metrics), metrics=metrics)
+    return ProcessContext(settings=settings, service=build_service(settings, metrics, model), metrics=metrics,
+                          model=model)
 
 
 class _Holder:
-    """The one slot for this process' context."""
+    """The one slot for this process' context (and, in a forked child, the parent's, read-only)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.context: ProcessContext | None = None
+        self.parent: ProcessContext | None = None
 
 
 _holder = _Holder()
 
 
 def _after_fork_in_child() -> None:
-    """A forked child starts with no context and a lock no other thread can be holding."""
+    """A forked child starts with no context and a lock no other thread can be holding; the parent's context
+    stays readable (:func:`parent`), never closed or extended here."""
     _holder.lock = threading.Lock()
+    _holder.parent = _holder.context if _holder.context is not None else _holder.parent
     _holder.context = None
+
+
+def parent() -> ProcessContext | None:
+    """In a forked pool child, the context of the process that forked it (what the main process resolved)."""
+    ctx = _holder.parent
+    return ctx if ctx is not None and ctx.pid != os.getpid() else None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -140,7 +161,8 @@ def current_service() -> Service:
         ctx = current()
         if ctx is None or ctx.service is None:
             base = ctx or ProcessContext(settings=process_settings())
-            built = build_child_context(base.settings, base.metrics)
+            up = parent()
+            built = build_child_context(base.settings, base.metrics, base.model or (up.model if up else None))
             ctx = base.with_(service=built.service, metrics=built.metrics)
             _holder.context = ctx
     return ctx.service  # type: ignore[return-value]

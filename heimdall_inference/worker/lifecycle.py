@@ -8,6 +8,9 @@
   with other arguments such as an older delivery limit); with
   ``HEIMDALL_METRICS_PORT``, prepare prometheus-client's multiprocess folder and start the exporter
   (``/metrics``, ``/healthz``); install the main process' :class:`~.context.ProcessContext`.
+  Then resolve the model to serve (:mod:`~heimdall_inference.registry`: a file, or an MLflow alias
+  downloaded once per host and verified); :class:`ModelGuard`, a worker bootstep, stops a worker that
+  has none before it consumes anything.
 * ``celeryd_after_setup`` (main process, once logging is set up, before the pool starts): log every
   endpoint and warn about each one that does not answer (:mod:`~heimdall_inference.ops.endpoints`).
 * ``worker_process_init`` (each prefork child, after fork; the solo pool sends it in the main
@@ -29,21 +32,25 @@ import logging
 import os
 from typing import Any
 
+from pathlib import Path
+
+from celery import bootsteps
 from celery.signals import (celeryd_after_setup, worker_init, worker_process_init, worker_process_shutdown,
                             worker_shutdown)
 
-from ..errors import ConfigError
+from ..errors import ConfigError, HeimdallError, ModelLoadError
 from ..ops.endpoints import check_endpoints
 from ..ops.exporter import MetricsExporter
 from ..ops.health import worker_health
 from ..ops.memory import pin_mmap_threshold
-from ..ops.metrics import prepare_multiprocess_dir
+from ..ops.metrics import count_registry_fallback, prepare_multiprocess_dir
+from ..registry.resolve import ResolvedModel, default_cache_dir, resolve_model
 from ..settings import process_settings
 from .celery_internals import check_versions
-from .context import ProcessContext, build_child_context, current, install
+from .context import ProcessContext, build_child_context, current, install, parent
 from .topology import dead_queue, is_amqp, work_queues
 
-__all__: list[str] = []
+__all__ = ["ModelGuard"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +92,40 @@ def _declare_work_queues(worker: Any, settings: Any) -> None:
             log.warning("could not check the queue %s at start", wanted.name, exc_info=True)
 
 
+def _resolve_model(settings: Any, *, exported: bool) -> tuple[ResolvedModel | None, str | None]:
+    """The model this worker serves (HEIMDALL_MODEL_URI, else HEIMDALL_MODEL_PATH, else the shipped one), or
+    why there is none."""
+    def registry() -> Any:
+        from ..registry.rest import RestRegistry
+
+        return RestRegistry(timeout_s=settings.registry_timeout_s)
+
+    cache_dir = Path(settings.model_cache_dir) if settings.model_cache_dir else default_cache_dir(settings.data_dir)
+    try:
+        model = resolve_model(settings.model_uri or settings.model_path, cache_dir=cache_dir, registry=registry)
+    except HeimdallError as exc:
+        log.error("no model to serve: %s; this worker does not start (it takes no task it cannot serve)", exc)
+        return None, str(exc)
+    if model.source == "cache" and exported:
+        count_registry_fallback()
+    log.info("model: %s", {k: v for k, v in model.label().items() if v})
+    return model, None
+
+
+class ModelGuard(bootsteps.Step):
+    """Worker bootstep: no model, no consumption. A worker whose model could not be resolved at
+    ``worker_init`` (registry refusing, nothing cached, a checksum or contract that does not hold) stops
+    here, before its consumer or pool start, instead of taking tasks off the queue only to fail them."""
+
+    name = "heimdall model guard"
+
+    def __init__(self, parent: Any, **kwargs: Any) -> None:
+        ctx = current()
+        if ctx is not None and ctx.model is None and ctx.model_error:
+            raise ModelLoadError(f"no model to serve: {ctx.model_error}")
+        super().__init__(parent, **kwargs)
+
+
 def _start_exporter(worker: Any, port: int) -> MetricsExporter | None:
     """The multiprocess folder (before the pool forks: children inherit the variable) and the exporter."""
     try:
@@ -111,7 +152,8 @@ def _init_main(sender: Any = None, **_: Any) -> None:
     _declare_dead_letter_queue(sender)
     _declare_work_queues(sender, settings)
     exporter = _start_exporter(sender, settings.metrics_port) if settings.metrics_port > 0 else None
-    install(ProcessContext(settings=settings, exporter=exporter))
+    model, error = _resolve_model(settings, exported=exporter is not None)
+    install(ProcessContext(settings=settings, exporter=exporter, model=model, model_error=error))
 
 
 @celeryd_after_setup.connect
@@ -130,8 +172,11 @@ def _init_child(**_: Any) -> None:
     # A prefork child has no context of its own yet (the parent's was dropped at fork); under the
     # solo pool this is the main process, whose context (and exporter) the service is added to.
     base = current()
+    up = parent()
+    model = base.model if base else (up.model if up else None)
     try:
-        built = build_child_context(base.settings if base else process_settings(), base.metrics if base else None)
+        built = build_child_context(base.settings if base else process_settings(), base.metrics if base else None,
+                                    model)
     except Exception:  # leave it lazy: the first task reports the real error
         log.exception("could not build the service in this process")
         return

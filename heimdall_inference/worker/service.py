@@ -71,12 +71,13 @@ class Service:
     @property
     def model_version(self) -> str:
         """The cache's model key: version and file hash, so a new model never serves a stale fix."""
-        return f"{self.localizer.spec.version}-{self.localizer.session.sha256[:12]}"
+        return f"{self.localizer.version}-{self.localizer.session.sha256[:12]}"
 
     def model_info(self) -> dict[str, Any]:
         """Name, version, hash, providers and card of the served model (never its path on the worker's disk)."""
         info = {k: v for k, v in self.localizer.session.info().items() if k != "path"}
-        return {**info, "alias": self.alias}
+        return {**info, "name": self.localizer.name, "version": self.localizer.version,
+                "file_version": self.localizer.spec.version, "alias": self.alias}
 
     # -- single payloads ----------------------------------------------------------------------
     def predict(self, payload: RawPayload, *, task_id: str | None, sent_at_s: float | None = None) -> dict[str, Any]:
@@ -222,7 +223,7 @@ class Service:
             d = decoded[k]
             hit.update(task_id=task_ids[k], request_id=d.request_id, captured_at=d.captured_at, cached=True,
                        timings_ms={"features": 0.0, "inference": 0.0})
-            hit["model"]["alias"] = self.alias
+            hit["model"] = {"name": self.localizer.name, "version": self.localizer.version, "alias": self.alias}
             out[k] = hit
         return out
 

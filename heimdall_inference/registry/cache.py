@@ -1,0 +1,112 @@
+"""Verified model downloads on this host: one directory per registered version, written atomically.
+
+::
+
+    <root>/<name>/<version>-<sha256[:16]>/model.onnx   the file, whose sha256 was checked
+    <root>/<name>/<version>-<sha256[:16]>/meta.json    name, version, sha256, source, when
+    <root>/<name>/aliases/<alias>.json                  the version an alias pointed at when last resolved
+
+A download goes to a hidden temporary directory beside its final place and is renamed into place only
+once its checksum (and contract) checked out, so a reader never sees half a file, and two processes
+downloading the same version at once both end with the one directory (the second rename loses, and
+its copy is removed). The alias pointers are what a worker falls back to when the registry does not
+answer at start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import RegistryError
+
+__all__ = ["ModelCache", "CachedModel", "file_sha256"]
+
+MODEL_FILE = "model.onnx"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class CachedModel:
+    name: str
+    version: str
+    sha256: str
+    path: Path
+
+
+class ModelCache:
+    """The model cache under ``root`` (created on first use)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def _dir(self, name: str, version: str, sha256: str) -> Path:
+        return self.root / name / f"{version}-{sha256[:16]}"
+
+    def lookup(self, name: str, version: str, sha256: str) -> CachedModel | None:
+        """The cached file of this version, if it is there and its checksum still holds."""
+        path = self._dir(name, version, sha256) / MODEL_FILE
+        if not path.is_file() or file_sha256(path) != sha256:
+            return None
+        return CachedModel(name, version, sha256, path)
+
+    def store(self, name: str, version: str, sha256: str, fetch: Callable[[Path], Path],
+              check: Callable[[Path], None] = lambda p: None, source: str = "") -> CachedModel:
+        """Fetch a version into the cache: ``fetch(tmp_dir)`` returns the downloaded ONNX file; its sha256
+        must be ``sha256`` and ``check(path)`` must pass (RegistryError otherwise, nothing kept)."""
+        final = self._dir(name, version, sha256)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+        try:
+            got = fetch(tmp / "download")
+            actual = file_sha256(got)
+            if actual != sha256:
+                raise RegistryError(f"{name} version {version}: the artifact's sha256 is {actual}, the registry says "
+                                    f"{sha256}; refused")
+            os.replace(got, tmp / MODEL_FILE)
+            shutil.rmtree(tmp / "download", ignore_errors=True)
+            check(tmp / MODEL_FILE)
+            (tmp / "meta.json").write_text(json.dumps({"name": name, "version": version, "sha256": sha256,
+                                                       "source": source, "stored_at": time.time()}))
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process stored it first: use theirs
+                if self.lookup(name, version, sha256) is None:
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cached = self.lookup(name, version, sha256)
+        if cached is None:
+            raise RegistryError(f"{name} version {version}: not in the cache after storing it ({final})")
+        return cached
+
+    def remember(self, name: str, alias: str, version: str, sha256: str) -> None:
+        """Record that ``alias`` pointed at this version (atomically replaced)."""
+        d = self.root / name / "aliases"
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f".{alias}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"version": version, "sha256": sha256, "at": time.time()}))
+        os.replace(tmp, d / f"{alias}.json")
+
+    def remembered(self, name: str, alias: str) -> CachedModel | None:
+        """The cached version ``alias`` last pointed at, if its file is still there and intact."""
+        try:
+            doc = json.loads((self.root / name / "aliases" / f"{alias}.json").read_text())
+            version, sha256 = str(doc["version"]), str(doc["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        return self.lookup(name, version, sha256)

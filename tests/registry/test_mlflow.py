@@ -1,0 +1,158 @@
+"""The model lifecycle on the real path: a real ``mlflow server`` (SQLite backend store) with its artifacts in S3
+on a ``moto`` server, the CLI registering and promoting, real workers resolving ``models:/…@alias`` on the real
+RabbitMQ/Redis/PostgreSQL, falling back to their cached copy, and refusing to consume without a model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import time
+import urllib.request
+
+import psycopg
+import pytest
+
+from heimdall_inference.cli import main
+from heimdall_inference.core.session import default_model_path
+
+from ..live import PG_URL, isolated_worker
+from ..servers import PrivateMlflow, free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+URI = "models:/localization_model@production"
+
+
+@pytest.fixture(scope="module")
+def mlflow():
+    server = PrivateMlflow()
+    mp = pytest.MonkeyPatch()
+    for k, v in server.env.items():
+        mp.setenv(k, v)
+    try:
+        yield server
+    finally:
+        mp.undo()
+        server.close()
+
+
+def _cli(capsys, *args: str) -> tuple[int, object]:
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if code == 0 else out.err)
+
+
+def _registered(capsys, alias: str | None = None) -> dict:
+    code, v = _cli(capsys, "model", "register", str(default_model_path()), *(["--alias", alias] if alias else []))
+    assert code == 0, v
+    return v
+
+
+def _model_version_column(schema: str, key: str) -> str:
+    with psycopg.connect(PG_URL) as conn:
+        return conn.execute(f'SELECT model_version FROM "{schema}".predictions WHERE fix_key = %s', (key,)).fetchone()[0]
+
+
+def test_register_promote_list_and_info_through_the_cli(mlflow, capsys, tmp_path):
+    v = _registered(capsys)
+    assert v["sha256"] == __import__("hashlib").sha256(default_model_path().read_bytes()).hexdigest()
+    assert v["contract"] == "heimdall.model/v1" and v["model_version"] == "1" and v["aliases"] == []
+    assert float(v["card"]["model.median_km"]) > 0 and float(v["card"]["model.coverage_0.95"]) > 90
+    assert any(k.endswith("model/localization_model.onnx") for k in mlflow.s3_keys())  # artifacts in S3
+    assert any(k.endswith("model/MODEL_CARD.md") for k in mlflow.s3_keys())
+    code, promoted = _cli(capsys, "model", "promote", v["version"], "--alias", "challenger")
+    assert code == 0 and promoted["aliases"] == ["challenger"] and promoted["version"] == v["version"]
+    code, info = _cli(capsys, "model", "info", "--uri", "models:/localization_model@challenger")
+    assert code == 0 and info["version"] == v["version"]
+    code, listed = _cli(capsys, "model", "list")
+    assert code == 0 and {x["version"]: x["aliases"] for x in listed}[v["version"]] == ["challenger"]
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not a model")
+    code, err = _cli(capsys, "model", "register", str(broken))
+    assert code == 1 and "RegistryError" in err and "is not registered" in err and "Traceback" not in err
+    code, err = _cli(capsys, "model", "promote", "999", "--alias", "production")
+    assert code == 1 and "RegistryError" in err
+    # a deployment's first start registers the shipped model and makes it production; later starts change nothing
+    code, first = _cli(capsys, "model", "bootstrap", "--name", "bootstrapped", "--alias", "production")
+    code2, again = _cli(capsys, "model", "bootstrap", "--name", "bootstrapped", "--alias", "production")
+    assert (code, code2) == (0, 0) and first["registered"] and not again["registered"]
+    assert first["version"] == again["version"] == "1" and again["aliases"] == ["production"]
+
+
+def test_a_worker_serves_the_alias_and_falls_back_to_its_cached_copy(mlflow, capsys, tmp_path, scenes_and_payloads):
+    v = _registered(capsys, alias="production")
+    cache = tmp_path / "models"
+    doc = {**copy.deepcopy(scenes_and_payloads[1][0]), "request_id": "registry-1"}
+    t0 = time.monotonic()
+    with isolated_worker("mlflow", tmp_path / "w.log", concurrency=1, model_uri=URI,
+                         model_cache_dir=str(cache)) as (settings, store, worker):
+        ready_s = time.monotonic() - t0
+        from heimdall_inference.client import predict
+        from heimdall_inference.worker.tasks import model_info
+
+        fix = predict(doc, timeout_s=30)
+        assert fix["model"] == {"name": "localization_model", "version": v["version"], "alias": "production"}
+        assert _model_version_column(settings.db_schema, "registry-1") == v["version"]
+        info = model_info.delay().get(timeout=30)
+        assert (info["version"], info["alias"], info["sha256"]) == (v["version"], "production", v["sha256"])
+        assert [p.name for p in cache.glob("localization_model/*-*")] == [f"{v['version']}-{v['sha256'][:16]}"]
+        worker.stop()
+
+        # the registry does not answer: the next worker serves what the alias pointed at, from the cache
+        from heimdall_inference.worker.process import WorkerProcess
+
+        port = free_port()
+        again = WorkerProcess(settings.replace(metrics_port=port), tmp_path / "w2.log", concurrency=1,
+                              extra_env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"})
+        try:
+            again.wait_ready()
+            fix = predict({**doc, "request_id": "registry-2"}, timeout_s=30)
+            assert fix["model"]["version"] == v["version"]
+            log = again.log_path.read_text()
+            assert "the model registry did not answer" in log and f"serving the cached version {v['version']}" in log
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            assert "heimdall_model_registry_fallbacks_total 1.0" in metrics
+            served = [dict(re.findall(r'(\w+)="([^"]*)"', labels)) for labels, value in
+                      re.findall(r"^heimdall_model_info\{([^}]*)\} (\S+)$", metrics, re.M) if float(value) == 1.0]
+            assert [{k: d[k] for k in ("name", "version", "alias", "source")} for d in served] == [
+                {"name": "localization_model", "version": v["version"], "alias": "production", "source": "cache"}]
+        finally:
+            again.stop()
+    print(f"worker ready from the registry (first download) in {ready_s:.1f} s")
+
+
+def test_a_worker_with_no_acceptable_model_consumes_nothing(mlflow, capsys, tmp_path, scenes_and_payloads):
+    from mlflow import MlflowClient
+
+    from heimdall_inference.client import submit
+    from heimdall_inference.worker.process import WorkerProcess
+
+    v = _registered(capsys, alias="production")
+    bad = _registered(capsys)
+    MlflowClient().set_model_version_tag("localization_model", bad["version"], "sha256", "0" * 64)
+    MlflowClient().set_registered_model_alias("localization_model", "broken", bad["version"])
+    with isolated_worker("nomodel", tmp_path / "w.log", concurrency=1, model_uri=URI,
+                         model_cache_dir=str(tmp_path / "m1")) as (settings, store, worker):
+        worker.stop()
+        pending = submit({**copy.deepcopy(scenes_and_payloads[1][1]), "request_id": "waits"})
+        refused = WorkerProcess(settings.replace(model_uri="models:/localization_model@broken",
+                                                 model_cache_dir=str(tmp_path / "m2")), tmp_path / "w2.log",
+                                concurrency=1)
+        with pytest.raises(RuntimeError, match="worker exited"):
+            refused.wait_ready(timeout_s=120)
+        refused.stop()
+        log = refused.log_path.read_text()
+        assert "no model to serve" in log and "sha256" in log and " ready." not in log
+        vhost = settings.broker_url.rsplit("/", 1)[1]
+        depth = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages",
+                                "--no-table-headers"], capture_output=True, text=True, check=True).stdout
+        assert {n: int(c) for n, c in (line.split() for line in depth.splitlines())}[settings.queue] == 1
+        assert not any((tmp_path / "m2").rglob("*.onnx"))  # nothing unverified was kept
+        served = WorkerProcess(settings, tmp_path / "w3.log", concurrency=1)  # a good worker takes it
+        try:
+            served.wait_ready()
+            assert pending.get(timeout=60)["model"]["version"] == v["version"]
+        finally:
+            served.stop()

@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     model_uri: str = Field("", max_length=1024)
     model_cache_dir: str = ""  #: verified registry downloads on this host ("" = <data_dir>/models or ~/.cache/heimdall/models)
     registry_timeout_s: float = Field(5.0, gt=0, le=300)  #: per registry request at start (then the cached version)
+    #: how often a worker serving models:/name@alias asks the registry whether the alias moved (0 = only on
+    #: `heimdall-inference model reload`)
+    model_poll_s: float = Field(30.0, ge=0, le=86_400)
     onnx_threads: int = Field(1, ge=1, le=64)  #: intra-op threads per worker child (children x threads <= cores)
     onnx_providers: str = Field("CPUExecutionProvider", min_length=1)  #: comma-separated execution providers, in order
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)  #: cap on one serialized payload

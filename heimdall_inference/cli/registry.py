@@ -6,6 +6,7 @@
     heimdall-inference model promote VERSION --alias production  # also how to roll back: the previous version
     heimdall-inference model list
     heimdall-inference model bootstrap [FILE] --alias production  # register + promote, only if the alias is unset
+    heimdall-inference model reload                              # workers check their alias now (HEIMDALL_* broker)
 
 The registry is ``MLFLOW_TRACKING_URI``; artifacts go where its tracking server keeps them (S3/MinIO).
 These commands use the MLflow client (``pip install 'heimdall-inference[registry]'``); workers read the
@@ -26,7 +27,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("model", help="the model: info, and the MLflow registry (register, promote, list)")
-    p.add_argument("action", choices=("info", "register", "promote", "list", "bootstrap"))
+    p.add_argument("action", choices=("info", "register", "promote", "list", "bootstrap", "reload"))
     p.add_argument("target", nargs="?", default=None,
                    help="register/bootstrap: the ONNX file (bootstrap: default the shipped model); promote: the version")
     p.add_argument("--model", type=Path, default=None, help="info: ONNX model file (default: the shipped model)")
@@ -56,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.name or DEFAULT_NAME
     if args.alias is not None and not re.fullmatch(ALIAS_PATTERN, args.alias):
         raise ConfigError(f"--alias {args.alias!r}: letters, digits, '_' and '-', starting with a letter")
+    if args.action == "reload":
+        return reload_workers()
     if args.action == "info" and args.uri is None:
         from ..core.session import ModelSession
 
@@ -91,4 +94,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = [v.to_dict() for v in reg.versions(name)]
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def reload_workers(timeout_s: float = 5.0) -> int:
+    """``model reload``: every worker serving an alias checks it now; prints each worker's answer."""
+    from ..settings import process_settings
+    from ..worker.celery_app import configure_app
+    from ..worker.model_swap import RELOAD_COMMAND
+
+    app = configure_app(process_settings())
+    replies = app.control.broadcast(RELOAD_COMMAND, reply=True, timeout=timeout_s)
+    print(json.dumps({name: answer for r in replies for name, answer in r.items()}, indent=2))
+    if not replies:
+        from ..errors import TransientError
+
+        raise TransientError(f"no worker answered within {timeout_s} s")
     return 0

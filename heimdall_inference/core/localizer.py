@@ -51,6 +51,15 @@ class Localizer:
         self.plan = FeaturePlan(self.spec.features)
         self._slot = self.spec.network.index
 
+    def warm(self) -> None:
+        """One session run on an empty batch-of-one (the first run allocates), so the first request served
+        by a freshly loaded model is not the slow one."""
+        r = len(self.spec.network)
+        m, t = self.plan.shape
+        mask = np.zeros((1, r), np.float32)
+        mask[0, : self.spec.min_receivers] = 1.0
+        self.session.run(np.zeros((1, r, m, t), np.float32), mask)
+
     def decode(self, raw: RawPayload, *, digest: bool = True) -> DecodedPayload:
         """Validate one payload; raises PayloadError. ``digest=False`` skips the cache key."""
         return self.decoder.decode(raw, digest=digest)

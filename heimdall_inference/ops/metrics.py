@@ -16,12 +16,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServiceMetrics", "prepare_multiprocess_dir", "count_registry_fallback", "STAGES"]
+__all__ = ["ServiceMetrics", "prepare_multiprocess_dir", "count_registry_fallback", "count_model_watch", "STAGES"]
 
 STAGES = ("queue", "decode", "features", "inference", "store")
 _CACHED_STAGES = ("queue", "decode", "store")
 _STAGE_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def count_model_watch(result: str, registry: Any = None) -> None:
+    """The main process' model watch: published (a new version for the children), refused, unreachable."""
+    from prometheus_client import Counter
+
+    Counter("heimdall_model_watch", "Checks of the served alias that found something: a new version published to "
+            "the children, a version refused, the registry unreachable", ["result"], registry=registry
+            ).labels(result=result).inc()
 
 
 def count_registry_fallback(registry: Any = None) -> None:
@@ -76,8 +85,19 @@ class ServiceMetrics:
                            "it came from (registry, cache: the registry did not answer at start, file, shipped)",
                            ["name", "version", "alias", "source"], registry=reg, multiprocess_mode="liveall")
 
+        self.swaps = Counter("heimdall_model_swaps", "Model swaps in this child, by result (swapped; failed: the new "
+                             "version did not load, the old one serves)", ["result"], registry=reg)
+        self._model_labels: dict[str, str] | None = None
+
     def model_loaded(self, name: str, version: str, alias: str | None, source: str) -> None:
-        self.model.labels(name=name, version=version, alias=alias or "", source=source).set(1)
+        """This child serves this model now (the one it served before reads 0)."""
+        if self._model_labels is not None:
+            self.model.labels(**self._model_labels).set(0)
+        self._model_labels = {"name": name, "version": version, "alias": alias or "", "source": source}
+        self.model.labels(**self._model_labels).set(1)
+
+    def swap_done(self, result: str) -> None:
+        self.swaps.labels(result=result).inc()
 
     def fixes_done(self, fixes: Iterable[dict[str, Any]]) -> None:
         for f in fixes:

@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -34,7 +35,8 @@ from ..store import open_store
 from ..store.cache import FixCache
 from .service import Service
 
-__all__ = ["ProcessContext", "build_service", "build_child_context", "current", "parent", "current_service", "install",
+__all__ = ["ProcessContext", "build_service", "build_child_context", "rebuild_service", "current", "parent",
+           "current_service", "install",
            "metrics_enabled"]
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,9 @@ class ProcessContext:
     exporter: MetricsExporter | None = None  #: main process: /metrics and /healthz
     model: ResolvedModel | None = None  #: main process: the model resolved at start (children load it)
     model_error: str | None = None  #: main process: why no model could be resolved (the worker then refuses to start)
+    model_state: Path | None = None  #: the file the main process publishes model swaps in (children watch it)
+    model_seen: tuple[int, int] | None = None  #: children: the state file's (inode, mtime) last acted on
+    watcher: Any = None  #: main process: the ModelWatcher thread
     pid: int = field(default_factory=os.getpid)  #: the process that built it (and may close it)
 
     def with_(self, **changes: Any) -> "ProcessContext":
@@ -63,7 +68,9 @@ class ProcessContext:
         if self.pid != os.getpid():
             return
         if self.service is not None and (keep is None or keep.service is not self.service):
-            self.service.close()
+            self.service.close(keep=keep.service if keep is not None else None)
+        if self.watcher is not None and (keep is None or keep.watcher is not self.watcher):
+            self.watcher.stop()
         if self.exporter is not None and (keep is None or keep.exporter is not self.exporter):
             self.exporter.stop()
 
@@ -100,12 +107,39 @@ def build_service(settings: Settings, metrics: ServiceMetrics | None = None,
 
 
 def build_child_context(settings: Settings, metrics: ServiceMetrics | None = None,
-                        model: ResolvedModel | None = None) -> ProcessContext:
+                        model: ResolvedModel | None = None, model_state: Path | None = None) -> ProcessContext:
     """A pool child's context: metrics (when exported) and the warm service."""
     if metrics is None and metrics_enabled(settings):
         metrics = ServiceMetrics(registry=None)  # multiprocess mode: the files are the registry
     return ProcessContext(settings=settings, service=build_service(settings, metrics, model), metrics=metrics,
-                          model=model)
+                          model=model, model_state=model_state, model_seen=_state_key(model_state))
+
+
+def _state_key(path: Path | None) -> tuple[int, int] | None:
+    """What a child has acted on: the model state file as it is when the child loads its model."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_mtime_ns)
+
+
+def rebuild_service(ctx: ProcessContext, model: ResolvedModel) -> Service:
+    """A service on ``model`` beside ``ctx``'s, sharing its database pool, cache client and metrics; the new
+    session is warmed (one run) before it is returned."""
+    old = ctx.service
+    if old is None:
+        return build_service(ctx.settings, ctx.metrics, model)
+    loc = Localizer(model.path, session_options=SessionOptions(intra_op_threads=ctx.settings.onnx_threads,
+                                                               providers=ctx.settings.providers),
+                    limits=Limits(max_payload_bytes=ctx.settings.max_payload_bytes),
+                    fetch_iq_ref=old.localizer.decoder.fetch_iq_ref, name=model.name, version=model.version)
+    loc.warm()
+    if ctx.metrics is not None:
+        ctx.metrics.model_loaded(loc.name, loc.version, model.alias, model.source)
+    return Service(loc, old.store, old.cache, alias=model.alias, metrics=ctx.metrics, interrupts=old.interrupts)
 
 
 class _Holder:
@@ -153,16 +187,23 @@ def install(ctx: ProcessContext | None) -> ProcessContext | None:
 
 
 def current_service() -> Service:
-    """This process' Service; built on first use where no signal built it (the threads pool)."""
+    """This process' Service; built on first use where no signal built it (the threads pool). Where a pass
+    begins: a model swap the main process published is taken here (:mod:`.model_swap`)."""
     ctx = current()
     if ctx is not None and ctx.service is not None:
-        return ctx.service
+        if ctx.model_state is not None:
+            from .model_swap import swapped
+
+            ctx = swapped(ctx, rebuild_service, install)
+        return ctx.service  # type: ignore[return-value]
     with _holder.lock:
         ctx = current()
         if ctx is None or ctx.service is None:
             base = ctx or ProcessContext(settings=process_settings())
             up = parent()
-            built = build_child_context(base.settings, base.metrics, base.model or (up.model if up else None))
-            ctx = base.with_(service=built.service, metrics=built.metrics)
+            built = build_child_context(base.settings, base.metrics, base.model or (up.model if up else None),
+                                        base.model_state or (up.model_state if up else None))
+            ctx = base.with_(service=built.service, metrics=built.metrics, model=built.model,
+                             model_state=built.model_state, model_seen=built.model_seen)
             _holder.context = ctx
     return ctx.service  # type: ignore[return-value]

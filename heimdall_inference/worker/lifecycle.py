@@ -35,6 +35,7 @@ from typing import Any
 from pathlib import Path
 
 from celery import bootsteps
+from celery.worker.control import control_command
 from celery.signals import (celeryd_after_setup, worker_init, worker_process_init, worker_process_shutdown,
                             worker_shutdown)
 
@@ -43,11 +44,12 @@ from ..ops.endpoints import check_endpoints
 from ..ops.exporter import MetricsExporter
 from ..ops.health import worker_health
 from ..ops.memory import pin_mmap_threshold
-from ..ops.metrics import count_registry_fallback, prepare_multiprocess_dir
+from ..ops.metrics import count_model_watch, count_registry_fallback, prepare_multiprocess_dir
 from ..registry.resolve import ResolvedModel, default_cache_dir, resolve_model
 from ..settings import process_settings
 from .celery_internals import check_versions
 from .context import ProcessContext, build_child_context, current, install, parent
+from .model_swap import RELOAD_COMMAND, ModelWatcher
 from .topology import dead_queue, is_amqp, work_queues
 
 __all__ = ["ModelGuard"]
@@ -92,17 +94,21 @@ def _declare_work_queues(worker: Any, settings: Any) -> None:
             log.warning("could not check the queue %s at start", wanted.name, exc_info=True)
 
 
-def _resolve_model(settings: Any, *, exported: bool) -> tuple[ResolvedModel | None, str | None]:
-    """The model this worker serves (HEIMDALL_MODEL_URI, else HEIMDALL_MODEL_PATH, else the shipped one), or
-    why there is none."""
+def _resolver(settings: Any) -> Any:
+    """``resolve()``: the model HEIMDALL_MODEL_URI (else HEIMDALL_MODEL_PATH, else the shipped one) names now."""
     def registry() -> Any:
         from ..registry.rest import RestRegistry
 
         return RestRegistry(timeout_s=settings.registry_timeout_s)
 
     cache_dir = Path(settings.model_cache_dir) if settings.model_cache_dir else default_cache_dir(settings.data_dir)
+    return lambda: resolve_model(settings.model_uri or settings.model_path, cache_dir=cache_dir, registry=registry)
+
+
+def _resolve_model(settings: Any, *, exported: bool) -> tuple[ResolvedModel | None, str | None]:
+    """The model this worker serves, or why there is none."""
     try:
-        model = resolve_model(settings.model_uri or settings.model_path, cache_dir=cache_dir, registry=registry)
+        model = _resolver(settings)()
     except HeimdallError as exc:
         log.error("no model to serve: %s; this worker does not start (it takes no task it cannot serve)", exc)
         return None, str(exc)
@@ -153,7 +159,39 @@ def _init_main(sender: Any = None, **_: Any) -> None:
     _declare_work_queues(sender, settings)
     exporter = _start_exporter(sender, settings.metrics_port) if settings.metrics_port > 0 else None
     model, error = _resolve_model(settings, exported=exporter is not None)
-    install(ProcessContext(settings=settings, exporter=exporter, model=model, model_error=error))
+    ctx = ProcessContext(settings=settings, exporter=exporter, model=model, model_error=error)
+    install(ctx)
+    if model is not None and model.alias:
+        _start_watch(ctx, exported=exporter is not None)
+
+
+def _start_watch(ctx: ProcessContext, *, exported: bool) -> None:
+    """Watch the served alias (HEIMDALL_MODEL_POLL_S, and the reload broadcast); children follow the state file."""
+    import tempfile
+
+    state = Path(tempfile.mkdtemp(prefix="heimdall-model-")) / "model.json"
+
+    def changed(new: ResolvedModel) -> None:
+        now = current()
+        if now is not None:
+            install(now.with_(model=new))  # a child forked from now on loads the new version directly
+
+    watcher = ModelWatcher(ctx.model, state, _resolver(ctx.settings), interval_s=ctx.settings.model_poll_s,
+                           on_change=changed, count=count_model_watch if exported else (lambda result: None))
+    install(ctx.with_(model_state=state, watcher=watcher.start()))
+    log.info("watching %s for a new version (every %s s, and on heimdall-inference model reload)", ctx.model.uri,
+             ctx.settings.model_poll_s or "never")
+
+
+@control_command(name=RELOAD_COMMAND)
+def _reload(state: Any, **_: Any) -> dict[str, Any]:
+    """``heimdall-inference model reload``: check the served alias now (the swap itself happens in the
+    background, and in each child between batches)."""
+    ctx = current()
+    if ctx is None or ctx.watcher is None:
+        return {"ok": False, "error": "this worker serves no registry alias (HEIMDALL_MODEL_URI=models:/name@alias)"}
+    ctx.watcher.request_check()
+    return {"ok": True, "uri": ctx.watcher.current.uri, "serving": ctx.watcher.current.version}
 
 
 @celeryd_after_setup.connect
@@ -174,13 +212,14 @@ def _init_child(**_: Any) -> None:
     base = current()
     up = parent()
     model = base.model if base else (up.model if up else None)
+    state = base.model_state if base else (up.model_state if up else None)
     try:
         built = build_child_context(base.settings if base else process_settings(), base.metrics if base else None,
-                                    model)
+                                    model, state)
     except Exception:  # leave it lazy: the first task reports the real error
         log.exception("could not build the service in this process")
         return
-    install(base.with_(service=built.service, metrics=built.metrics) if base else built)
+    install(base.with_(service=built.service, metrics=built.metrics, model_seen=built.model_seen) if base else built)
 
 
 @worker_process_shutdown.connect

@@ -335,9 +335,11 @@ class Service:
                 "timings_ms": {"decode": round((t1 - t0) * 1e3, 3), "locate": round((t2 - t1) * 1e3, 3),
                                "store": round((t3 - t2) * 1e3, 3)}}
 
-    def close(self) -> None:
-        self.store.close()
-        if self.cache is not None:
+    def close(self, keep: "Service | None" = None) -> None:
+        """Close the database pool and cache client, except those ``keep`` (a swapped-in service) shares."""
+        if keep is None or keep.store is not self.store:
+            self.store.close()
+        if self.cache is not None and (keep is None or keep.cache is not self.cache):
             self.cache.close()
 
 

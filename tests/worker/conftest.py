@@ -13,7 +13,7 @@ class Closable:
     def __init__(self) -> None:
         self.closed = 0
 
-    def close(self) -> None:
+    def close(self, keep=None) -> None:
         self.closed += 1
 
     def stop(self) -> None:

@@ -1,0 +1,64 @@
+"""Hot swap, piece by piece: the main process' watch and a child's swap between passes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from heimdall_inference.errors import RegistryError, RegistryUnavailable
+from heimdall_inference.registry.resolve import ResolvedModel
+from heimdall_inference.settings import Settings
+from heimdall_inference.worker.context import ProcessContext
+from heimdall_inference.worker.model_swap import ModelWatcher, read_state, swapped, write_state
+
+
+def _model(version: str, sha: str = "a" * 64) -> ResolvedModel:
+    return ResolvedModel(path=Path(f"/cache/m/{version}/model.onnx"), source="registry", name="m", version=version,
+                         alias="production", sha256=sha, uri="models:/m@production")
+
+
+def test_the_watch_publishes_new_versions_and_refuses_broken_ones(tmp_path):
+    answers = [_model("1"), RegistryUnavailable("down"), RegistryError("sha256 mismatch"), _model("2"),
+               {**_model("1").__dict__, "source": "cache"}]
+    counted, changes = [], []
+
+    def resolve():
+        a = answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return ResolvedModel(**a) if isinstance(a, dict) else a
+
+    state = tmp_path / "model.json"
+    w = ModelWatcher(_model("1"), state, resolve, interval_s=0, on_change=changes.append, count=counted.append)
+    assert read_state(state) == _model("1")
+    assert [w.check() for _ in range(5)] == ["unchanged", "unreachable", "refused", "published", "unchanged"]
+    assert counted == ["unreachable", "refused", "published"] and changes == [_model("2")]
+    assert read_state(state) == _model("2") and w.current == _model("2")
+
+
+class FakeService:
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+
+def test_a_child_swaps_when_the_state_file_changes_and_keeps_the_old_model_when_the_new_one_fails(tmp_path):
+    state = tmp_path / "model.json"
+    write_state(state, _model("1"))
+    st = os.stat(state)
+    ctx = ProcessContext(settings=Settings(), service=FakeService("1"), model=_model("1"), model_state=state,
+                         model_seen=(st.st_ino, st.st_mtime_ns))
+    installed = []
+    build = lambda c, m: FakeService(m.version)  # noqa: E731
+    assert swapped(ctx, build, installed.append) is ctx and installed == []  # nothing published: one stat
+    write_state(state, _model("2"))
+    new = swapped(ctx, build, installed.append)
+    assert new.service.version == "2" and new.model == _model("2") and installed == [new]
+    assert swapped(new, build, installed.append) is new  # acted on once
+
+    def broken(c, m):
+        raise RegistryError("does not load")
+
+    write_state(state, _model("3"))
+    kept = swapped(new, broken, installed.append)
+    assert kept.service.version == "2" and kept.model == _model("2")
+    assert swapped(kept, broken, installed.append) is kept  # not retried on every pass

@@ -65,6 +65,7 @@ class PayloadCode:
     UNSUPPORTED_SAMPLE_RATE = "unsupported_sample_rate"  #: cannot be resampled to the model's rate
     UNSUPPORTED_FREQUENCY = "unsupported_frequency"  #: centre frequency outside the model's bands
     IQ_REF_UNAVAILABLE = "iq_ref_unavailable"  #: an iq_ref claim check could not be fetched
+    UNKNOWN_MODEL = "unknown_model"  #: options.model names a model (alias or version) this worker does not serve
     CONFLICT = "conflict"  #: a request_id already stored for the same capture time with other IQ
 
 

@@ -40,6 +40,14 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @dataclass(frozen=True)
 class CachedModel:
     name: str
@@ -67,10 +75,17 @@ class ModelCache:
     def store(self, name: str, version: str, sha256: str, fetch: Callable[[Path], Path],
               check: Callable[[Path], None] = lambda p: None, source: str = "") -> CachedModel:
         """Fetch a version into the cache: ``fetch(tmp_dir)`` returns the downloaded ONNX file; its sha256
-        must be ``sha256`` and ``check(path)`` must pass (RegistryError otherwise, nothing kept)."""
+        must be ``sha256`` and ``check(path)`` must pass (RegistryError otherwise, nothing kept). A damaged
+        copy already in place is replaced; a write this host cannot make is a RegistryError too."""
         final = self._dir(name, version, sha256)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+        if self.root.resolve() not in final.resolve().parents:
+            raise RegistryError(f"{name} version {version}: {final} is outside the model cache {self.root}")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._sweep(final.parent)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
+        except OSError as exc:
+            raise RegistryError(f"the model cache {self.root} is not writable: {exc}") from exc
         try:
             got = fetch(tmp / "download")
             actual = file_sha256(got)
@@ -82,17 +97,46 @@ class ModelCache:
             check(tmp / MODEL_FILE)
             (tmp / "meta.json").write_text(json.dumps({"name": name, "version": version, "sha256": sha256,
                                                        "source": source, "stored_at": time.time()}))
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another process stored it first: use theirs
-                if self.lookup(name, version, sha256) is None:
-                    raise
+            _fsync(tmp / MODEL_FILE)
+            _fsync(tmp / "meta.json")
+            self._place(tmp, final, name, version, sha256)
+        except OSError as exc:
+            raise RegistryError(f"{name} version {version}: cannot store it in {self.root}: {exc}") from exc
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         cached = self.lookup(name, version, sha256)
         if cached is None:
             raise RegistryError(f"{name} version {version}: not in the cache after storing it ({final})")
         return cached
+
+    def _place(self, tmp: Path, final: Path, name: str, version: str, sha256: str) -> None:
+        """Rename the verified folder into place; another process' intact copy wins, a damaged one is moved
+        aside first."""
+        for _ in range(3):
+            try:
+                os.rename(tmp, final)
+                return
+            except OSError:
+                if self.lookup(name, version, sha256) is not None:
+                    return  # another process stored it first: use theirs
+                if final.exists():  # damaged (a checksum that no longer holds): out of the way, then again
+                    aside = final.with_name(f".trash-{final.name}-{os.getpid()}-{time.monotonic_ns()}")
+                    os.rename(final, aside)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    continue
+                raise
+        raise OSError(f"could not place {final}")
+
+    @staticmethod
+    def _sweep(folder: Path, older_than_s: float = 3600.0) -> None:
+        """Remove what interrupted downloads left (a killed process cannot clean up after itself)."""
+        cutoff = time.time() - older_than_s
+        for d in folder.glob(".tmp-*"):
+            try:
+                if d.stat().st_mtime < cutoff:
+                    shutil.rmtree(d, ignore_errors=True)
+            except OSError:
+                pass
 
     def remember(self, name: str, alias: str, version: str, sha256: str) -> None:
         """Record that ``alias`` pointed at this version (atomically replaced)."""

@@ -57,12 +57,14 @@ def default_cache_dir(data_dir: str = "") -> Path:
 
 
 def resolve_model(uri: str, *, cache_dir: Path, registry: Callable[[], Any] | None = None,
-                  check: Callable[[Path], Any] = check_in_subprocess) -> ResolvedModel:
+                  check: Callable[[Path], Any] = check_in_subprocess,
+                  refused: set[tuple[str, str]] | None = None) -> ResolvedModel:
     """Resolve ``uri`` (``HEIMDALL_MODEL_URI``) to a verified local file.
 
     ``registry()`` makes the registry client (default: :class:`~.rest.RestRegistry` on
     ``MLFLOW_TRACKING_URI``). Raises :class:`RegistryError` when no acceptable model can be had, and
-    :class:`~heimdall_inference.errors.ConfigError` for a URI it cannot parse.
+    :class:`~heimdall_inference.errors.ConfigError` for a URI it cannot parse. ``refused`` (the watch's)
+    holds the (version, sha256) pairs that failed their checks: they are not downloaded again.
     """
     parsed = parse_model_uri(uri)
     if parsed.kind == "shipped":
@@ -80,11 +82,21 @@ def resolve_model(uri: str, *, cache_dir: Path, registry: Callable[[], Any] | No
         v = client.get(name, alias=alias, version=parsed.version)
         if not v.sha256:
             raise RegistryError(f"{parsed}: version {v.version} has no sha256 tag; refused")
+        if refused is not None and (v.version, v.sha256) in refused:
+            raise RegistryError(f"{parsed}: version {v.version} was refused before (sha256 or contract); not "
+                                "downloaded again")
         cached = cache.lookup(name, v.version, v.sha256)
         if cached is None:
             log.info("downloading %s (version %s) into %s", parsed, v.version, cache.root)
-            cached = cache.store(name, v.version, v.sha256, lambda tmp: client.download(v, tmp),
-                                 check=lambda p: check(p), source=v.source)
+            try:
+                cached = cache.store(name, v.version, v.sha256, lambda tmp: client.download(v, tmp),
+                                     check=lambda p: check(p), source=v.source)
+            except RegistryUnavailable:
+                raise
+            except RegistryError:
+                if refused is not None:
+                    refused.add((v.version, v.sha256))
+                raise
         if alias:
             cache.remember(name, alias, v.version, v.sha256)
         return ResolvedModel(path=cached.path, source="registry", name=name, version=v.version, alias=alias,

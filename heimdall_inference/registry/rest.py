@@ -17,9 +17,10 @@ Credentials are MLflow's own variables: ``MLFLOW_TRACKING_TOKEN`` (bearer) or
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
-import shutil
+import re
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -33,6 +34,9 @@ __all__ = ["RestRegistry"]
 
 _ARTIFACTS = "/api/2.0/mlflow-artifacts/artifacts"
 _MAX_ARTIFACT_BYTES = 512 * 1024 * 1024  #: a model file larger than this is refused, not downloaded
+_MAX_JSON_BYTES = 4 * 1024 * 1024  #: a registry answer larger than this is not read
+_VERSION = re.compile(r"^[0-9]{1,9}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class RestRegistry:
@@ -44,16 +48,18 @@ class RestRegistry:
             raise RegistryError(f"MLFLOW_TRACKING_URI must be the tracking server's http(s) URL, not {uri!r}")
         self.base = uri
         self.timeout_s = timeout_s
-        self._headers: dict[str, str] = {}
+        self._auth: str | None = None
         if os.environ.get("MLFLOW_TRACKING_TOKEN"):
-            self._headers["Authorization"] = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
+            self._auth = f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"
         elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
             pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
-            self._headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+            self._auth = "Basic " + base64.b64encode(pair.encode()).decode()
 
     def _open(self, path: str, query: dict[str, str] | None = None) -> Any:
         url = self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
-        req = urllib.request.Request(url, headers=self._headers)
+        req = urllib.request.Request(url)
+        if self._auth:  # never forwarded to wherever a redirect points
+            req.add_unredirected_header("Authorization", self._auth)
         try:
             return urllib.request.urlopen(req, timeout=self.timeout_s)
         except urllib.error.HTTPError as exc:
@@ -61,15 +67,18 @@ class RestRegistry:
             if exc.code >= 500 or exc.code == 429:
                 raise RegistryUnavailable(f"{path}: the registry answered {exc.code}: {detail}") from exc
             raise RegistryError(f"{path}: {exc.code} {detail}") from exc
-        except (urllib.error.URLError, OSError) as exc:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise RegistryUnavailable(f"{self.base}: the registry did not answer: {getattr(exc, 'reason', exc)}") from exc
 
     def _json(self, path: str, query: dict[str, str]) -> dict[str, Any]:
         with self._open(path, query) as resp:
             try:
-                return json.loads(resp.read())
-            except (ValueError, OSError) as exc:
+                doc = json.loads(resp.read(_MAX_JSON_BYTES + 1))
+            except (ValueError, OSError, http.client.HTTPException) as exc:
                 raise RegistryUnavailable(f"{path}: not a JSON answer: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise RegistryError(f"{path}: the answer is not a JSON object")
+        return doc
 
     def get(self, name: str, *, alias: str | None = None, version: str | None = None) -> RegisteredVersion:
         """The version an alias points at, or a version by number."""
@@ -77,11 +86,22 @@ class RestRegistry:
             doc = self._json("/api/2.0/mlflow/registered-models/alias", {"name": name, "alias": alias})
         else:
             doc = self._json("/api/2.0/mlflow/model-versions/get", {"name": name, "version": str(version)})
-        mv = doc.get("model_version") or {}
-        tags = {t["key"]: t["value"] for t in mv.get("tags") or [] if "key" in t}
-        return RegisteredVersion(name=str(mv.get("name", name)), version=str(mv.get("version", version)),
-                                 sha256=tags.get("sha256", ""), aliases=tuple(mv.get("aliases") or ()),
-                                 source=str(mv.get("source", "")), run_id=str(mv.get("run_id", "")), tags=tags)
+        mv = doc.get("model_version")
+        if not isinstance(mv, dict):
+            raise RegistryError(f"models:/{name}: the registry's answer has no model_version")
+        try:
+            tags = {str(t["key"]): str(t["value"]) for t in mv.get("tags") or [] if isinstance(t, dict) and "key" in t}
+            v = RegisteredVersion(name=name, version=str(mv.get("version", version)), sha256=tags.get("sha256", ""),
+                                  aliases=tuple(str(a) for a in mv.get("aliases") or ()),
+                                  source=str(mv.get("source", "")), run_id=str(mv.get("run_id", "")), tags=tags)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise RegistryError(f"models:/{name}: an answer this reader cannot use: {exc}") from exc
+        # both name a folder of the host's cache: nothing but a version number and a hex digest
+        if not _VERSION.match(v.version):
+            raise RegistryError(f"models:/{name}: version {v.version[:40]!r} is not a version number")
+        if v.sha256 and not _SHA256.match(v.sha256):
+            raise RegistryError(f"models:/{name}/{v.version}: the sha256 tag {v.sha256[:80]!r} is not a sha256")
+        return v
 
     def download(self, v: RegisteredVersion, dst: Path) -> Path:
         """The version's one ``.onnx`` file, downloaded into ``dst``."""
@@ -103,14 +123,35 @@ class RestRegistry:
         name = Path(str(onnx[0]["path"])).name
         if int(onnx[0].get("file_size") or 0) > _MAX_ARTIFACT_BYTES:
             raise RegistryError(f"models:/{v.name}/{v.version}: {name} is larger than {_MAX_ARTIFACT_BYTES} bytes")
-        out = dst / name
-        with self._open(f"{_ARTIFACTS}/{urllib.parse.quote(prefix)}/{urllib.parse.quote(name)}") as resp, \
-                open(out, "wb") as f:
-            try:
-                shutil.copyfileobj(resp, f, 1 << 20)
-            except OSError as exc:
-                raise RegistryUnavailable(f"downloading {name}: {exc}") from exc
+        out = dst / "model.onnx"  # never a name the registry chose
+        with self._open(f"{_ARTIFACTS}/{urllib.parse.quote(prefix)}/{urllib.parse.quote(name)}") as resp:
+            _copy_bounded(resp, out, f"models:/{v.name}/{v.version}")
         return out
+
+
+def _copy_bounded(resp: Any, out: Path, what: str) -> None:
+    """Copy a response body into ``out``, refusing more than the artifact cap; a read that fails is the
+    registry's (unavailable), a write that fails is this host's (an error)."""
+    total = 0
+    try:
+        f = open(out, "wb")
+    except OSError as exc:
+        raise RegistryError(f"{what}: cannot write {out}: {exc}") from exc
+    with f:
+        while True:
+            try:
+                block = resp.read(1 << 20)
+            except (OSError, http.client.HTTPException) as exc:
+                raise RegistryUnavailable(f"{what}: the download broke off: {exc}") from exc
+            if not block:
+                return
+            total += len(block)
+            if total > _MAX_ARTIFACT_BYTES:
+                raise RegistryError(f"{what}: the artifact is larger than {_MAX_ARTIFACT_BYTES} bytes")
+            try:
+                f.write(block)
+            except OSError as exc:
+                raise RegistryError(f"{what}: cannot write {out}: {exc}") from exc
 
 
 def _error_text(exc: urllib.error.HTTPError) -> str:
@@ -123,19 +164,22 @@ def _error_text(exc: urllib.error.HTTPError) -> str:
 
 def _download_s3(source: str, dst: Path, v: RegisteredVersion) -> Path:
     import boto3
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, _, prefix = source.removeprefix("s3://").partition("/")
     s3 = boto3.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None)
     try:
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/").get("Contents", [])
-                if o["Key"].endswith(".onnx")]
-        if len(keys) != 1:
-            raise RegistryError(f"models:/{v.name}/{v.version} holds {len(keys)} .onnx files; expected one")
-        out = dst / Path(keys[0]).name
-        s3.download_file(bucket, keys[0], str(out))
+        objects = [o for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/").get("Contents", [])
+                   if o["Key"].endswith(".onnx")]
+        if len(objects) != 1:
+            raise RegistryError(f"models:/{v.name}/{v.version} holds {len(objects)} .onnx files; expected one")
+        if int(objects[0].get("Size") or 0) > _MAX_ARTIFACT_BYTES:
+            raise RegistryError(f"{source}: the artifact is larger than {_MAX_ARTIFACT_BYTES} bytes")
+        out = dst / "model.onnx"
+        s3.download_file(bucket, objects[0]["Key"], str(out))
     except ClientError as exc:
         raise RegistryError(f"{source}: {exc}") from exc
-    except BotoCoreError as exc:
+    except (BotoCoreError, Boto3Error, OSError) as exc:
         raise RegistryUnavailable(f"{source}: the artifact store did not answer: {exc}") from exc
     return out

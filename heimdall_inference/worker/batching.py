@@ -140,12 +140,20 @@ class PoolBatcher:
     work (:meth:`submit_bulk`: chord chunks) runs one request per child and only on a child no live
     request is waiting for; while live requests have arrived within ``live_window_s``, at most
     ``slots - reserved_for_live`` children (never fewer than one) run batch work, so a live fix finds a
-    free child instead of waiting behind a chunk. Nothing is handed to billiard before a child is free
-    for it: a request billiard holds can no longer be overtaken.
+    free child instead of waiting behind a chunk. Nothing this scheduler sends is handed to billiard
+    before a child is free for it: a request billiard holds can no longer be overtaken. Batch work is
+    never starved: when no chunk runs and the oldest has waited ``bulk_max_wait_s``, it takes the next
+    free child even while live requests wait (a reserved message must not sit unacknowledged until the
+    broker's consumer timeout).
+
+    One scheduler lives as long as its pool; when the broker connection is lost, Celery drops the pool's
+    jobs no child had accepted yet (their messages are redelivered) without calling back, and
+    :meth:`forget_unaccepted` (called when the consumer starts again) takes them off the count.
     """
 
     def __init__(self, pool: Any, batch_max: int, slots: int | None = None, *, reserved_for_live: int = 0,
-                 live_window_s: float = 2.0, app: Any = None, clock: Any = monotonic) -> None:
+                 live_window_s: float = 2.0, bulk_max_wait_s: float = 5.0, app: Any = None,
+                 clock: Any = monotonic) -> None:
         self.pool = pool
         self.batch_max = max(1, int(batch_max))
         self.slots = max(1, int(slots if slots is not None else getattr(pool, "num_processes", 1) or 1))
@@ -160,7 +168,10 @@ class PoolBatcher:
         self.in_flight = 0  #: jobs of this scheduler in the pool (live batches and bulk requests)
         self.bulk_in_flight = 0
         self.last_live_s = -math.inf
+        self.bulk_max_wait_s = float(bulk_max_wait_s)
         self.sizes: deque[int] = deque(maxlen=1000)  #: recent live batch sizes (metrics, tests)
+        self._jobs: dict[int, list[bool]] = {}  #: job token -> [bulk, accepted by a child]
+        self._tokens = iter(range(1, 1 << 62))
 
     def submit(self, req: Any) -> None:
         """The consumer's ``on_task_request`` for live predict tasks: queue, then send what can go."""
@@ -174,8 +185,20 @@ class PoolBatcher:
         """The consumer's ``on_task_request`` for batch work (chord chunks)."""
         if internals.is_revoked(req):
             return
-        self.bulk.append(req)
+        self.bulk.append((self.clock(), req))
         self.pump()
+
+    def forget_unaccepted(self) -> int:
+        """After a lost connection: jobs no child had accepted were dropped by the pool (no callback will come);
+        take them off the count. Returns how many."""
+        gone = [token for token, (_, accepted) in self._jobs.items() if not accepted]
+        for token in gone:
+            bulk, _ = self._jobs.pop(token)
+            self.in_flight -= 1
+            self.bulk_in_flight -= bulk
+        if gone:
+            log.info("pool scheduler: %d jobs the pool dropped with the lost connection are off the count", len(gone))
+        return len(gone)
 
     def bulk_slots(self) -> int:
         """How many children batch work may hold now."""
@@ -188,7 +211,9 @@ class PoolBatcher:
         if internals.shutdown_started():
             return  # the waiting messages stay unacknowledged: the broker gives them to the next worker
         while self.in_flight < self.slots:
-            if self.waiting:
+            starved = (self.bulk and self.bulk_in_flight == 0
+                       and self.clock() - self.bulk[0][0] >= self.bulk_max_wait_s)
+            if self.waiting and not starved:
                 batch = [self.waiting.popleft() for _ in range(min(self.batch_max, len(self.waiting)))]
                 # a request Celery no longer reserves was dropped with its connection (the broker redelivers it)
                 batch = [r for r in batch if _sendable(r)]
@@ -197,32 +222,48 @@ class PoolBatcher:
                 elif batch:
                     self._send(internals.BatchRequests(batch))
             elif self.bulk and self.bulk_in_flight < self.bulk_slots():
-                req = self.bulk.popleft()
+                _, req = self.bulk.popleft()
                 if _sendable(req):
                     self._send_alone(req, bulk=True)
             else:
                 return
 
-    def _send_alone(self, req: Any, *, bulk: bool) -> None:
+    def _job(self, bulk: bool) -> int:
+        token = next(self._tokens)
+        self._jobs[token] = [bulk, False]
         self.in_flight += 1
         self.bulk_in_flight += bulk
+        return token
+
+    def _accepted(self, token: int) -> None:
+        job = self._jobs.get(token)
+        if job is not None:
+            job[1] = True
+
+    def _send_alone(self, req: Any, *, bulk: bool) -> None:
+        token = self._job(bulk)
         if not bulk:
             self.sizes.append(1)
         try:
-            internals.run_alone_then(req, self.pool, self.app, lambda: self._finished(bulk=bulk))
+            internals.run_alone_then(req, self.pool, self.app, lambda: self._finished(token),
+                                     on_accepted=lambda: self._accepted(token))
         except BaseException:
-            self._finished(bulk=bulk, pump=False)
+            self._finished(token, pump=False)
             raise
 
     def _send(self, batch: internals.BatchRequests) -> None:
-        self.in_flight += 1
+        token = self._job(False)
         self.sizes.append(len(batch))
+
+        def accepted(pid: int, time_accepted: float) -> None:
+            self._accepted(token)
+            batch.accepted(pid, time_accepted)
 
         def done(results: list[Any]) -> None:
             try:
                 batch.succeeded(results)
             finally:
-                self._finished()
+                self._finished(token)
 
         def failed(exc_info: Any) -> None:
             try:
@@ -231,24 +272,26 @@ class PoolBatcher:
                 else:
                     log.warning("a batch of %d predict tasks failed as a whole (%r); running each alone",
                                 len(batch), getattr(exc_info, "exception", exc_info))
-                    for r in batch.requests:
+                    for r in batch.requests:  # counted like any job of this scheduler
                         if not internals.is_revoked(r):
-                            internals.run_alone(r, self.pool)
+                            self._send_alone(r, bulk=False)
             finally:
-                self._finished()
+                self._finished(token)
 
         soft_s, hard_s = batch.time_limits()
         try:
-            internals.apply_to_pool(self.pool, run_batch, (batch.trace_args(),), on_accepted=batch.accepted,
+            internals.apply_to_pool(self.pool, run_batch, (batch.trace_args(),), on_accepted=accepted,
                                     on_soft_timeout=batch.soft_timed_out, on_done=done, on_failed=failed,
                                     soft_timeout_s=soft_s, timeout_s=hard_s)
         except BaseException:
-            self._finished(pump=False)
+            self._finished(token, pump=False)
             raise
 
-    def _finished(self, *, bulk: bool = False, pump: bool = True) -> None:
-        self.in_flight -= 1
-        self.bulk_in_flight -= bulk
+    def _finished(self, token: int, *, pump: bool = True) -> None:
+        job = self._jobs.pop(token, None)
+        if job is not None:  # a job forgotten after a lost connection is off the count already
+            self.in_flight -= 1
+            self.bulk_in_flight -= job[0]
         if pump:
             self.pump()
 
@@ -266,6 +309,8 @@ of busy children stays true while their jobs finish."""
 def scheduler_for(pool: Any, settings: Any, app: Any) -> PoolBatcher:
     """The pool's scheduler, made on first use from ``settings``."""
     sched = _schedulers.get(pool)
+    if sched is not None:
+        sched.forget_unaccepted()  # the consumer starts (again): jobs the pool dropped with a lost connection
     if sched is None:
         sched = PoolBatcher(pool, settings.batch_max, reserved_for_live=settings.live_reserved_children,
                             live_window_s=settings.live_window_s, app=app)

@@ -245,11 +245,13 @@ def run_alone(request: Any, pool: Any) -> None:
     request.execute_using_pool(pool)
 
 
-def run_alone_then(request: Any, pool: Any, app: Any, on_finished: Callable[[], None]) -> Any:
+def run_alone_then(request: Any, pool: Any, app: Any, on_finished: Callable[[], None],
+                   on_accepted: Callable[[], None] = lambda: None) -> Any:
     """:func:`run_alone`, then ``on_finished()`` once the pool reports the request done or failed.
 
     What ``Request.execute_using_pool`` does (the same tracer, arguments, time limits and callbacks), with
-    its result and error callbacks followed by ``on_finished``: Celery's per-task Request class binds the
+    its result and error callbacks followed by ``on_finished`` (and its accept callback preceded by
+    ``on_accepted``): Celery's per-task Request class binds the
     pool's ``apply_async`` when the strategy is made, so a wrapped pool passed to it would not be used.
     """
     from weakref import ref
@@ -269,7 +271,11 @@ def run_alone_then(request: Any, pool: Any, app: Any, on_finished: Callable[[], 
         finally:
             on_finished()
 
-    result = pool.apply_async(tracer(app), args=trace_args(request), accept_callback=request.on_accepted,
+    def accepted(pid: int, time_accepted: float) -> None:
+        on_accepted()
+        request.on_accepted(pid, time_accepted)
+
+    result = pool.apply_async(tracer(app), args=trace_args(request), accept_callback=accepted,
                               timeout_callback=request.on_timeout, callback=done, error_callback=failed,
                               soft_timeout=soft or task.soft_time_limit, timeout=hard or task.time_limit,
                               correlation_id=request.id)

@@ -111,8 +111,16 @@ def build_child_context(settings: Settings, metrics: ServiceMetrics | None = Non
     """A pool child's context: metrics (when exported) and the warm service."""
     if metrics is None and metrics_enabled(settings):
         metrics = ServiceMetrics(registry=None)  # multiprocess mode: the files are the registry
+    seen = _state_key(model_state)  # first the key, then the file: a swap published in between is seen later
+    if seen is not None:
+        from .model_swap import read_state
+
+        try:
+            model = read_state(model_state)  # the main process' latest word, even one published since the fork
+        except (OSError, ValueError, TypeError, KeyError):
+            log.exception("unreadable model state file %s; loading the model inherited at fork", model_state)
     return ProcessContext(settings=settings, service=build_service(settings, metrics, model), metrics=metrics,
-                          model=model, model_state=model_state, model_seen=_state_key(model_state))
+                          model=model, model_state=model_state, model_seen=seen)
 
 
 def _state_key(path: Path | None) -> tuple[int, int] | None:

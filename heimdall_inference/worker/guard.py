@@ -24,7 +24,7 @@ from kombu.exceptions import DecodeError
 from ..errors import PayloadCode, PayloadError
 
 __all__ = ["MAX_DEPTH", "MAX_ITEMS", "ENVELOPE_BYTES", "MAX_TASK_ID_CHARS", "shape_problem", "refusal",
-           "usable_task_id", "message_refusal", "guard", "guarded_strategy"]
+           "usable_task_id", "message_refusal", "guard"]
 
 MAX_DEPTH = 16
 """Deepest nesting of lists/dicts in a task body. A predict body is 6 deep (body, args, payload,
@@ -110,11 +110,3 @@ def guard(handler: Any, *, app: Any, consumer: Any, max_body_bytes: int | None) 
 
     return internals.guarded(handler, app=app, consumer=consumer,
                              refuse=lambda m: message_refusal(m, max_body_bytes=max_body_bytes))
-
-
-def guarded_strategy(task: Any, app: Any, consumer: Any, **kwargs: Any) -> Any:
-    """Celery's default strategy behind the message guard (tasks that carry lists of payloads)."""
-    from . import celery_internals as internals
-
-    return guard(internals.default_strategy(task, app, consumer, **kwargs), app=app, consumer=consumer,
-                 max_body_bytes=None)

@@ -94,7 +94,7 @@ def _declare_work_queues(worker: Any, settings: Any) -> None:
             log.warning("could not check the queue %s at start", wanted.name, exc_info=True)
 
 
-def _resolver(settings: Any) -> Any:
+def _resolver(settings: Any, refused: set[tuple[str, str]] | None = None) -> Any:
     """``resolve()``: the model HEIMDALL_MODEL_URI (else HEIMDALL_MODEL_PATH, else the shipped one) names now."""
     def registry() -> Any:
         from ..registry.rest import RestRegistry
@@ -102,7 +102,8 @@ def _resolver(settings: Any) -> Any:
         return RestRegistry(timeout_s=settings.registry_timeout_s)
 
     cache_dir = Path(settings.model_cache_dir) if settings.model_cache_dir else default_cache_dir(settings.data_dir)
-    return lambda: resolve_model(settings.model_uri or settings.model_path, cache_dir=cache_dir, registry=registry)
+    return lambda: resolve_model(settings.model_uri or settings.model_path, cache_dir=cache_dir, registry=registry,
+                                 refused=refused)
 
 
 def _resolve_model(settings: Any, *, exported: bool) -> tuple[ResolvedModel | None, str | None]:
@@ -112,6 +113,9 @@ def _resolve_model(settings: Any, *, exported: bool) -> tuple[ResolvedModel | No
     except HeimdallError as exc:
         log.error("no model to serve: %s; this worker does not start (it takes no task it cannot serve)", exc)
         return None, str(exc)
+    except Exception as exc:  # a bug or an unexpected library error: the worker must not serve another model
+        log.exception("no model to serve: resolving %s failed", settings.model_uri or settings.model_path)
+        return None, f"{type(exc).__name__}: {exc}"
     if model.source == "cache" and exported:
         count_registry_fallback()
     log.info("model: %s", {k: v for k, v in model.label().items() if v})
@@ -129,6 +133,9 @@ class ModelGuard(bootsteps.Step):
         ctx = current()
         if ctx is not None and ctx.model is None and ctx.model_error:
             raise ModelLoadError(f"no model to serve: {ctx.model_error}")
+        if ctx is None and process_settings().model_uri:  # worker_init did not finish: never fall back silently
+            raise ModelLoadError("no model to serve: the worker's start-up did not resolve HEIMDALL_MODEL_URI "
+                                 "(see the errors above)")
         super().__init__(parent, **kwargs)
 
 
@@ -171,13 +178,10 @@ def _start_watch(ctx: ProcessContext, *, exported: bool) -> None:
 
     state = Path(tempfile.mkdtemp(prefix="heimdall-model-")) / "model.json"
 
-    def changed(new: ResolvedModel) -> None:
-        now = current()
-        if now is not None:
-            install(now.with_(model=new))  # a child forked from now on loads the new version directly
-
-    watcher = ModelWatcher(ctx.model, state, _resolver(ctx.settings), interval_s=ctx.settings.model_poll_s,
-                           on_change=changed, count=count_model_watch if exported else (lambda result: None))
+    refused: set[tuple[str, str]] = set()
+    resolve = _resolver(ctx.settings, refused=refused)
+    watcher = ModelWatcher(ctx.model, state, resolve, interval_s=ctx.settings.model_poll_s,
+                           count=count_model_watch if exported else (lambda result: None))
     install(ctx.with_(model_state=state, watcher=watcher.start()))
     log.info("watching %s for a new version (every %s s, and on heimdall-inference model reload)", ctx.model.uri,
              ctx.settings.model_poll_s or "never")
@@ -213,13 +217,15 @@ def _init_child(**_: Any) -> None:
     up = parent()
     model = base.model if base else (up.model if up else None)
     state = base.model_state if base else (up.model_state if up else None)
+    # (build_child_context reads the state file first: a swap published since the fork is loaded directly)
     try:
         built = build_child_context(base.settings if base else process_settings(), base.metrics if base else None,
                                     model, state)
     except Exception:  # leave it lazy: the first task reports the real error
         log.exception("could not build the service in this process")
         return
-    install(base.with_(service=built.service, metrics=built.metrics, model_seen=built.model_seen) if base else built)
+    install(base.with_(service=built.service, metrics=built.metrics, model=built.model, model_seen=built.model_seen)
+            if base else built)
 
 
 @worker_process_shutdown.connect

@@ -4,8 +4,8 @@
   when ``heimdall-inference model reload`` broadcasts ``heimdall_model_reload``, it resolves the alias
   again (:func:`~heimdall_inference.registry.resolve.resolve_model`: download once per host, sha256 and
   contract checked out of process). A new version is published to this worker's children by replacing a
-  small state file (atomically); the main process' context is replaced too, so a child forked later
-  loads the new version directly. A version that fails its checks is refused (logged, counted): the
+  small state file (atomically); a child forked later reads that file before it loads its model, and
+  under the solo pool the main process, which serves too, swaps like a child. A version that fails its checks is refused (logged, counted): the
   children keep serving the old one. A registry that does not answer changes nothing.
 * **Each child** (:func:`swapped`, called where a pass begins: one ``os.stat`` of the state file): when
   the file changed, it loads and warms the new session beside the old one, builds a new service sharing
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import asdict
@@ -56,13 +57,11 @@ class ModelWatcher:
     """The main process' watch on the served alias (a daemon thread; ``interval_s`` 0: only on reload)."""
 
     def __init__(self, current: ResolvedModel, state_path: Path, resolve: Callable[[], ResolvedModel], *,
-                 interval_s: float, on_change: Callable[[ResolvedModel], None] = lambda m: None,
-                 count: Callable[[str], None] = lambda result: None) -> None:
+                 interval_s: float, count: Callable[[str], None] = lambda result: None) -> None:
         self.current = current
         self.state_path = state_path
         self._resolve = resolve
         self.interval_s = float(interval_s)
-        self._on_change = on_change
         self._count = count
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -85,6 +84,7 @@ class ModelWatcher:
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
+        shutil.rmtree(self.state_path.parent, ignore_errors=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -92,7 +92,12 @@ class ModelWatcher:
             self._wake.clear()
             if self._stop.is_set():
                 return
-            self.check()
+            try:
+                self.check()
+            except Exception as exc:  # the watch must outlive any one check (a state file that cannot be written)
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("model watch: the check failed; version %s keeps serving", self.current.version)
+                self._result("error")
 
     def check(self) -> str:
         """Resolve the alias again; publish a new version. Returns what happened (also counted)."""
@@ -109,12 +114,14 @@ class ModelWatcher:
                 log.error("model watch: %s is refused: %s; version %s keeps serving", self.current.uri, exc,
                           self.current.version)
                 return self._result("refused")
+            if new.source == "cache":  # the registry did not answer; what the alias last pointed at is served
+                self.last_error = "the registry did not answer"
+                return self._result("unreachable")
             self.last_error = None
-            if new.source == "cache" or _same(new, self.current):
+            if _same(new, self.current):
                 return "unchanged"
             old, self.current = self.current, new
             write_state(self.state_path, new)
-            self._on_change(new)
             log.info("model watch: %s now points at version %s (was %s): the children swap between batches",
                      new.uri, new.version, old.version)
             return self._result("published")
@@ -151,6 +158,8 @@ def swapped(ctx: Any, build: Callable[[Any, ResolvedModel], Any], install: Calla
         return new
     try:
         service = build(ctx, model)
+    except getattr(ctx.service, "interrupts", ()):  # a soft time limit ends the pass; the swap is tried again
+        raise
     except Exception as exc:
         log.error("model swap: version %s does not load here (%s); version %s keeps serving", model.version, exc,
                   getattr(ctx.model, "version", None))

@@ -69,6 +69,16 @@ class Service:
         self.counters = Counters()
 
     @property
+    def serves(self) -> frozenset[str]:
+        """What ``options.model`` may ask for here: the served alias and version, bare or with the model's name
+        (``production``, ``3``, ``localization_model@production``, ``localization_model/3``, ``models:/…``)."""
+        name, version = self.localizer.name, self.localizer.version
+        out = {version, f"{name}/{version}", f"models:/{name}/{version}"}
+        if self.alias:
+            out |= {self.alias, f"{name}@{self.alias}", f"models:/{name}@{self.alias}"}
+        return frozenset(out)
+
+    @property
     def model_version(self) -> str:
         """The cache's model key: version and file hash, so a new model never serves a stale fix."""
         return f"{self.localizer.version}-{self.localizer.session.sha256[:12]}"
@@ -176,7 +186,12 @@ class Service:
         """Decode; a PayloadError is recorded first (TransientError if the database is down: the task
         retries, and records it once the database is back)."""
         try:
-            return self.localizer.decode(payload, digest=digest)
+            decoded = self.localizer.decode(payload, digest=digest)
+            wanted = decoded.options.model
+            if wanted is not None and wanted not in self.serves:
+                raise PayloadError(PayloadCode.UNKNOWN_MODEL, f"options.model {wanted[:64]!r} is not served here; this "
+                                   f"worker serves {sorted(self.serves)}", "options.model")
+            return decoded
         except PayloadError as exc:
             self._reject(exc, payload, task_id, key)
             raise

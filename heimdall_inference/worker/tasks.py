@@ -75,11 +75,10 @@ def predict(self, payload: Any) -> dict[str, Any]:
         return current_service().predict(payload, task_id=self.request.id, sent_at_s=sent_at_s(vars(self.request)))
 
 
-_GUARDED = "heimdall_inference.worker.guard:guarded_strategy"
+_BULK = "heimdall_inference.worker.batching:bulk_strategy"  #: batch work: guarded, and yields to live requests
 
 
-@app.task(name="heimdall.predict_chunk", bind=True, base=HeimdallTask,
-          Strategy="heimdall_inference.worker.batching:bulk_strategy", **_retry)
+@app.task(name="heimdall.predict_chunk", bind=True, base=HeimdallTask, Strategy=_BULK, **_retry)
 def predict_chunk(self, payloads: list[Any], offset: int = 0) -> dict[str, Any]:
     if not isinstance(payloads, list):
         raise PayloadError(PayloadCode.INVALID_FIELD, "a chunk is a list of payloads", "payloads")
@@ -87,7 +86,7 @@ def predict_chunk(self, payloads: list[Any], offset: int = 0) -> dict[str, Any]:
         return current_service().predict_chunk(payloads, task_id=self.request.id, offset=int(offset))
 
 
-@app.task(name="heimdall.collect", base=HeimdallTask)
+@app.task(name="heimdall.collect", base=HeimdallTask, Strategy=_BULK)
 def collect(summaries: list[dict[str, Any]]) -> dict[str, Any]:
     return summarize(summaries)
 
@@ -102,7 +101,7 @@ def batch_signature(payloads: list[Any], chunk_size: int = 64, serializer: str =
     return chord(group(chunks), collect.s())
 
 
-@app.task(name="heimdall.predict_batch", bind=True, base=HeimdallTask, Strategy=_GUARDED, throws=(PayloadError,))
+@app.task(name="heimdall.predict_batch", bind=True, base=HeimdallTask, Strategy=_BULK, throws=(PayloadError,))
 def predict_batch(self, payloads: list[Any], chunk_size: int = 64) -> Any:
     if not isinstance(payloads, list) or not payloads:
         raise PayloadError(PayloadCode.INVALID_FIELD, "a batch is a non-empty list of payloads", "payloads")

@@ -95,6 +95,13 @@ def test_a_worker_serves_the_alias_and_falls_back_to_its_cached_copy(mlflow, cap
         fix = predict(doc, timeout_s=30)
         assert fix["model"] == {"name": "localization_model", "version": v["version"], "alias": "production"}
         assert _model_version_column(settings.db_schema, "registry-1") == v["version"]
+        asked = predict({**doc, "request_id": "registry-asked", "options": {"model": "production"}}, timeout_s=30)
+        assert asked["model"]["version"] == v["version"]
+        from heimdall_inference.errors import PayloadError
+
+        with pytest.raises(PayloadError) as err:  # a model this worker does not serve: a typed error, recorded
+            predict({**doc, "request_id": "registry-other", "options": {"model": "challenger"}}, timeout_s=30)
+        assert err.value.code == "unknown_model" and store.count_rejections() == 1
         info = model_info.delay().get(timeout=30)
         assert (info["version"], info["alias"], info["sha256"]) == (v["version"], "production", v["sha256"])
         assert [p.name for p in cache.glob("localization_model/*-*")] == [f"{v['version']}-{v['sha256'][:16]}"]

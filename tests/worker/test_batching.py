@@ -97,7 +97,10 @@ def test_a_batch_that_dies_is_run_again_request_by_request():
     assert first.events == [("failure", "WorkerLostError")]
     assert len(pool.jobs[1]["items"]) == 4
     pool.jobs[1]["error_callback"]("WorkerLostError")  # a batch: each runs alone, neighbours unharmed
-    assert all(r.events == [("alone",)] for r in rest) and b.in_flight == 0
+    assert _kinds(pool)[2:] == [f"alone:r{i}" for i in range(1, 5)] and b.in_flight == 4
+    for job in pool.jobs[2:]:
+        job["callback"]((False, "fix", 0.0))
+    assert all(r.events == [("success", (False, "fix", 0.0))] for r in rest) and b.in_flight == 0
 
 
 def test_time_limits_reach_the_pool_and_a_soft_limit_reaches_every_request():
@@ -239,6 +242,36 @@ def test_batch_work_of_a_lost_connection_or_a_shutdown_is_not_started(celery_wor
     celery_worker_state.should_stop = 0
     pool.jobs[1]["callback"]((False, "s2", 0.0))
     assert len(pool.jobs) == 2 and len(b.bulk) == 1
+
+
+def test_jobs_the_pool_dropped_with_a_lost_connection_are_taken_off_the_count():
+    """billiard discards the jobs no child accepted when the connection is lost, without a callback: the
+    scheduler, which outlives the consumer, used to count them busy for good (after a few reconnects it ran nothing)."""
+    pool = FakePool()
+    b = PoolBatcher(pool, batch_max=4, slots=2)
+    b.submit(FakeRequest("accepted"))
+    b.submit_bulk(FakeRequest("dropped"))
+    pool.jobs[0]["accept_callback"](11, 0.0)
+    assert b.in_flight == 2 and b.forget_unaccepted() == 1 and (b.in_flight, b.bulk_in_flight) == (1, 0)
+    pool.jobs[1]["callback"]((False, "late", 0.0))  # a late answer for the dropped job changes nothing
+    assert b.in_flight == 1
+    pool.jobs[0]["callback"](["fix"])
+    assert b.in_flight == 0 and b.forget_unaccepted() == 0
+
+
+def test_batch_work_is_never_starved_by_sustained_live_load():
+    pool, clock = FakePool(), Clock()
+    b = PoolBatcher(pool, batch_max=1, slots=1, reserved_for_live=1, bulk_max_wait_s=5.0, clock=clock)
+    b.submit(FakeRequest("live0"))
+    b.submit_bulk(FakeRequest("chunk"))
+    for i in range(1, 4):  # live requests keep arriving: each goes first while the chunk is young
+        b.submit(FakeRequest(f"live{i}"))
+        pool.jobs[-1]["callback"]((False, "fix", 0.0))
+    assert "alone:chunk" not in _kinds(pool)
+    clock.now += 6.0
+    b.submit(FakeRequest("live9"))
+    pool.jobs[-1]["callback"]((False, "fix", 0.0))
+    assert _kinds(pool)[-1] == "alone:chunk"  # it waited too long: it takes the next free child
 
 
 def test_the_live_and_batch_strategies_share_one_scheduler_per_pool():

@@ -20,7 +20,7 @@ def _model(version: str, sha: str = "a" * 64) -> ResolvedModel:
 def test_the_watch_publishes_new_versions_and_refuses_broken_ones(tmp_path):
     answers = [_model("1"), RegistryUnavailable("down"), RegistryError("sha256 mismatch"), _model("2"),
                {**_model("1").__dict__, "source": "cache"}]
-    counted, changes = [], []
+    counted = []
 
     def resolve():
         a = answers.pop(0)
@@ -29,11 +29,32 @@ def test_the_watch_publishes_new_versions_and_refuses_broken_ones(tmp_path):
         return ResolvedModel(**a) if isinstance(a, dict) else a
 
     state = tmp_path / "model.json"
-    w = ModelWatcher(_model("1"), state, resolve, interval_s=0, on_change=changes.append, count=counted.append)
+    w = ModelWatcher(_model("1"), state, resolve, interval_s=0, count=counted.append)
     assert read_state(state) == _model("1")
-    assert [w.check() for _ in range(5)] == ["unchanged", "unreachable", "refused", "published", "unchanged"]
-    assert counted == ["unreachable", "refused", "published"] and changes == [_model("2")]
+    # the last answer: the registry down, the cached version served by resolve_model's fallback
+    assert [w.check() for _ in range(5)] == ["unchanged", "unreachable", "refused", "published", "unreachable"]
+    assert counted == ["unreachable", "refused", "published", "unreachable"]
     assert read_state(state) == _model("2") and w.current == _model("2")
+
+
+def test_the_watch_thread_outlives_a_failing_check(tmp_path):
+    import time
+
+    calls = []
+
+    def resolve():
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyError("a bug")  # not a HeimdallError: check() raises it, the thread must go on
+        return _model("2")
+
+    (tmp_path / "s").mkdir()
+    w = ModelWatcher(_model("1"), tmp_path / "s" / "model.json", resolve, interval_s=0.05).start()
+    deadline = time.monotonic() + 10
+    while w.current.version != "2" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    w.stop()
+    assert w.current.version == "2" and len(calls) >= 2 and not (tmp_path / "s").exists()
 
 
 class FakeService:

@@ -26,6 +26,19 @@ def test_predict_stores_one_row_per_key(service, scenes_and_payloads):
     assert (service.counters.stored_new, service.counters.stored_duplicate) == (1, 1)
 
 
+def test_options_model_must_name_the_served_model(service, scenes_and_payloads):
+    """options.model used to be parsed and ignored: a payload asking for another model got this one's fix."""
+    base = scenes_and_payloads[1][3]
+    for i, ask in enumerate(("production", "1", "localization_model@production", "models:/localization_model/1")):
+        fix = service.predict({**copy.deepcopy(base), "request_id": f"ask-{i}", "options": {"model": ask}}, task_id=f"a{i}")
+        assert fix["model"] == {"name": "localization_model", "version": "1", "alias": "production"}
+    with pytest.raises(PayloadError) as err:
+        service.predict({**copy.deepcopy(base), "request_id": "ask-other", "options": {"model": "challenger"}},
+                        task_id="other")
+    assert err.value.code == PayloadCode.UNKNOWN_MODEL and err.value.field == "options.model"
+    assert "challenger" in str(err.value) and service.store.count_rejections() == 1
+
+
 def test_without_request_id_the_task_id_is_the_key(service, scenes_and_payloads):
     doc = copy.deepcopy(scenes_and_payloads[1][1])
     doc.pop("request_id")

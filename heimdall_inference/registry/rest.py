@@ -168,6 +168,7 @@ def _download_s3(source: str, dst: Path, v: RegisteredVersion) -> Path:
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, _, prefix = source.removeprefix("s3://").partition("/")
+    dst.mkdir(parents=True, exist_ok=True)
     s3 = boto3.client("s3", endpoint_url=os.environ.get("MLFLOW_S3_ENDPOINT_URL") or None)
     try:
         objects = [o for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix.rstrip("/") + "/").get("Contents", [])
@@ -180,6 +181,8 @@ def _download_s3(source: str, dst: Path, v: RegisteredVersion) -> Path:
         s3.download_file(bucket, objects[0]["Key"], str(out))
     except ClientError as exc:
         raise RegistryError(f"{source}: {exc}") from exc
-    except (BotoCoreError, Boto3Error, OSError) as exc:
+    except (BotoCoreError, Boto3Error) as exc:  # botocore wraps connection failures
         raise RegistryUnavailable(f"{source}: the artifact store did not answer: {exc}") from exc
+    except OSError as exc:  # this host's disk
+        raise RegistryError(f"{source}: cannot write {dst}: {exc}") from exc
     return out

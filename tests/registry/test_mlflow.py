@@ -235,3 +235,23 @@ def test_an_alias_moved_under_load_is_swapped_in_with_no_task_failed_or_lost(mlf
         report_line(f"model hot swap under ~40 tasks/s: {figures}, failed 0, versions {first['version']} -> "
                     f"{second['version']} (a broken version refused), p99 ms {p99}, swap picked up "
                     f"{t_swapped - t_swap:.1f} s after the alias moved")
+
+
+def test_a_worker_reads_an_s3_artifact_source_directly(mlflow, tmp_path):
+    """A tracking server without the artifact proxy hands out s3:// sources: the worker's reader takes the one
+    .onnx under the prefix from S3 itself (MLFLOW_S3_ENDPOINT_URL), and refuses a prefix holding two."""
+    import boto3
+
+    from heimdall_inference.errors import RegistryError
+    from heimdall_inference.registry.rest import _download_s3
+    from heimdall_inference.registry.version import RegisteredVersion
+
+    s3 = boto3.client("s3", endpoint_url=mlflow.s3_url, region_name="us-east-1")
+    s3.put_object(Bucket=mlflow.BUCKET, Key="direct/run/model/localization_model.onnx",
+                  Body=default_model_path().read_bytes())
+    v = RegisteredVersion(name="localization_model", version="9", sha256="0" * 64)
+    got = _download_s3(f"s3://{mlflow.BUCKET}/direct/run/model", tmp_path / "a", v)
+    assert got.read_bytes() == default_model_path().read_bytes()
+    s3.put_object(Bucket=mlflow.BUCKET, Key="direct/run/model/other.onnx", Body=b"x")
+    with pytest.raises(RegistryError, match="2 .onnx files"):
+        _download_s3(f"s3://{mlflow.BUCKET}/direct/run/model", tmp_path / "b", v)

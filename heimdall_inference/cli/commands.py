@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-start-worker", action="store_true", help="use workers that are already running")
     p.add_argument("--batch-max", type=int, default=32,
                    help="HEIMDALL_BATCH_MAX of the started worker: micro-batches of single tasks (1 = off)")
+    p.add_argument("--swap", action="store_true",
+                   help="a model hot swap under open-loop load (needs MLFLOW_TRACKING_URI and the [registry] extra)")
     p.add_argument("--live-batch", type=int, default=None, metavar="N",
                    help="payloads of the batch that runs while live fixes are measured (0 = skip that phase)")
     p.add_argument("--json", type=Path, default=None)
@@ -168,6 +170,17 @@ def _bench(args: argparse.Namespace) -> int:
             args.json.write_text(json.dumps(report, indent=2))
         return 0
     import tempfile
+
+    if args.swap:
+        from ..bench.swap import format_swap_report, run_swap_bench
+        from ..settings import process_settings
+
+        report = run_swap_bench(process_settings(), workers=args.workers,
+                                progress=lambda m: print(m, file=sys.stderr))
+        print(format_swap_report(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2, default=float))
+        return 0 if report["lost"] == 0 and report["failed"] == 0 else 3
 
     from ..bench.service import BenchConfig, format_report, plot_report, save_report, run_service_bench
     from ..settings import Settings, process_settings

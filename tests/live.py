@@ -42,6 +42,27 @@ def rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
 
 
+def queue_depths(vhost: str) -> dict[str, int]:
+    """Messages (ready + unacknowledged) per queue of a vhost, as RabbitMQ reports them."""
+    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages", "--no-table-headers"],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    return {name: int(n) for name, n in (line.split() for line in out.splitlines() if line.strip())}
+
+
+def wait_for_depths(vhost: str, want: dict[str, int], timeout_s: float = 30.0) -> dict[str, int]:
+    """The depths of ``want``'s queues once they read as wanted (RabbitMQ refreshes a quorum queue's figures
+    every few seconds), or as they are at the deadline."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        depths = queue_depths(vhost)
+        got = {q: depths.get(q) for q in want}
+        if got == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.5)
+
+
 @dataclass
 class LiveServers:
     settings: Settings

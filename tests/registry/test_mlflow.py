@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import json
 import re
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from heimdall_inference.cli import main
 from heimdall_inference.core.session import default_model_path
 
-from ..live import PG_URL, isolated_worker
+from ..live import PG_URL, isolated_worker, wait_for_depths
 from ..servers import PrivateMlflow, free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -153,10 +152,9 @@ def test_a_worker_with_no_acceptable_model_consumes_nothing(mlflow, capsys, tmp_
         refused.stop()
         log = refused.log_path.read_text()
         assert "no model to serve" in log and "sha256" in log and " ready." not in log
+        assert "] received" not in log  # it took nothing off the queue (Celery logs "Task name[id] received")
         vhost = settings.broker_url.rsplit("/", 1)[1]
-        depth = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages",
-                                "--no-table-headers"], capture_output=True, text=True, check=True).stdout
-        assert {n: int(c) for n, c in (line.split() for line in depth.splitlines())}[settings.queue] == 1
+        assert wait_for_depths(vhost, {settings.queue: 1}) == {settings.queue: 1}  # the task still waits there
         assert not any((tmp_path / "m2").rglob("*.onnx"))  # nothing unverified was kept
         served = WorkerProcess(settings, tmp_path / "w3.log", concurrency=1)  # a good worker takes it
         try:

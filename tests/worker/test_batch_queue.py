@@ -5,17 +5,10 @@ from __future__ import annotations
 
 import copy
 import subprocess
-import time
 
 import pytest
 
 pytestmark = pytest.mark.integration
-
-
-def _queue_depths(vhost: str) -> dict[str, int]:
-    out = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", vhost, "name", "messages", "--no-table-headers"],
-                         check=True, capture_output=True, text=True, timeout=60).stdout
-    return {name: int(n) for name, n in (line.split() for line in out.splitlines() if line.strip())}
 
 
 def _distinct(docs: list[dict], copies: int, tag: str) -> list[dict]:
@@ -33,7 +26,7 @@ def test_chunks_travel_on_the_batch_queue_and_live_fixes_do_not_wait_behind_them
     from heimdall_inference.client import predict, predict_batch
     from heimdall_inference.worker.process import WorkerProcess
 
-    from ..live import isolated_worker
+    from ..live import isolated_worker, wait_for_depths
 
     chunk = 16
     docs = scenes_and_payloads[1]
@@ -44,10 +37,7 @@ def test_chunks_travel_on_the_batch_queue_and_live_fixes_do_not_wait_behind_them
         pending = predict_batch(batch, chunk_size=chunk, wait=False)
         vhost = settings.broker_url.rsplit("/", 1)[1]
         want = {settings.batch_queue: len(batch) // chunk, settings.queue: 0}
-        deadline = time.monotonic() + 30
-        while (depths := _queue_depths(vhost)) != {**depths, **want} and time.monotonic() < deadline:
-            time.sleep(0.5)  # RabbitMQ's queue figures lag the publishes a little
-        assert {q: depths.get(q) for q in want} == want
+        assert wait_for_depths(vhost, want) == want
 
         again = WorkerProcess(settings, tmp_path / "w2.log", concurrency=2)
         try:

@@ -14,7 +14,6 @@ Runs in the worker's main process at start (before the pool forks; children load
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -104,7 +103,7 @@ def resolve_model(uri: str, *, cache_dir: Path, registry: Callable[[], Any] | No
     except RegistryUnavailable as exc:
         fallback = cache.remembered(name, alias) if alias else None
         if fallback is None and parsed.version:
-            fallback = next((c for c in _cached_versions(cache, name) if c.version == parsed.version), None)
+            fallback = cache.find(name, parsed.version)
         if fallback is None:
             raise RegistryUnavailable(f"{exc}; and no verified copy of {parsed} in {cache.root}") from exc
         log.warning("the model registry did not answer (%s): serving the cached version %s of %s, the one %s "
@@ -112,19 +111,3 @@ def resolve_model(uri: str, *, cache_dir: Path, registry: Callable[[], Any] | No
         return ResolvedModel(path=fallback.path, source="cache", name=name, version=fallback.version, alias=alias,
                              sha256=fallback.sha256, uri=str(parsed))
 
-
-def _cached_versions(cache: ModelCache, name: str) -> list[Any]:
-    out = []
-    for d in sorted((cache.root / name).glob("*-*")) if (cache.root / name).is_dir() else []:
-        version, _, short = d.name.partition("-")
-        meta = d / "meta.json"
-        if meta.is_file():
-            try:
-                sha = json.loads(meta.read_text())["sha256"]
-            except (OSError, ValueError, KeyError):
-                continue
-            if sha.startswith(short):
-                found = cache.lookup(name, version, sha)
-                if found is not None:
-                    out.append(found)
-    return out

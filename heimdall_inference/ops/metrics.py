@@ -11,6 +11,7 @@ The cache hit rate is a PromQL ratio of two counters, e.g.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,8 +45,10 @@ def count_registry_fallback(registry: Any = None) -> None:
 def prepare_multiprocess_dir() -> Path:
     """The multiprocess folder: ``PROMETHEUS_MULTIPROC_DIR`` if set (emptied), else a new one.
 
-    Must run before prometheus_client is first imported in this process (it picks its value class
-    at import time), and before the pool forks (children inherit the variable)."""
+    Runs before the pool forks (children inherit the variable). prometheus-client picks the class its
+    metrics keep their values in when it is first imported; a package imported before this (Flower's
+    ``celery flower`` plugin imports it whenever the ``celery`` command starts) would leave the children
+    writing to memory nobody reads, so the choice is made again here."""
     configured = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if configured:
         d = Path(configured)
@@ -56,6 +59,10 @@ def prepare_multiprocess_dir() -> Path:
     else:
         d = Path(tempfile.mkdtemp(prefix="heimdall-metrics-"))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(d)
+    if "prometheus_client.values" in sys.modules:
+        from prometheus_client import values
+
+        values.ValueClass = values.get_value_class()  # metrics made from now on write to the folder
     return d
 
 

@@ -113,3 +113,27 @@ def test_a_solo_pool_worker_keeps_its_exporter_and_records_metrics(tmp_path, sce
         code, text = _get(f"http://127.0.0.1:{port}/metrics")
         assert code == 200 and _samples(text)[("heimdall_fixes_total", (("cached", "false"),))] == 2
         assert store.count_fixes() == 2
+
+
+def test_children_write_their_metrics_even_when_prometheus_client_was_imported_first(tmp_path):
+    """Flower's `celery flower` plugin imports prometheus_client whenever the `celery` command starts, before the
+    worker sets up its multiprocess folder: the children's metrics then went to memory no exporter reads, and
+    /metrics was empty on any image with Flower installed."""
+    import subprocess
+    import sys
+
+    probe = ("import os, prometheus_client\n"
+             "from heimdall_inference.ops.metrics import ServiceMetrics, prepare_multiprocess_dir\n"
+             "d = prepare_multiprocess_dir()\n"
+             "pid = os.fork()\n"
+             "if pid == 0:\n"
+             "    ServiceMetrics(registry=None).rejections.labels(code='x').inc(3)\n"
+             "    os._exit(0)\n"
+             "os.waitpid(pid, 0)\n"
+             "from prometheus_client import CollectorRegistry, generate_latest, multiprocess\n"
+             "r = CollectorRegistry(); multiprocess.MultiProcessCollector(r, path=str(d))\n"
+             "print(generate_latest(r).decode())\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "TMPDIR": str(tmp_path)}, capture_output=True,
+                         text=True, timeout=60, check=True).stdout
+    assert 'heimdall_rejections_total{code="x"} 3.0' in out

@@ -22,6 +22,8 @@ from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
+from .registry.routes import Routes, parse_routes
+from .registry.uri import parse_model_uri
 
 __all__ = ["Settings", "ENV_PREFIX", "process_settings", "set_process_settings", "redact_url"]
 
@@ -47,6 +49,13 @@ class Settings(BaseSettings):
     #: how often a worker serving models:/name@alias asks the registry whether the alias moved (0 = only on
     #: `heimdall-inference model reload`)
     model_poll_s: float = Field(30.0, ge=0, le=86_400)
+    #: A/B split between refs (aliases or versions) of HEIMDALL_MODEL_URI's model, sticky by session_id:
+    #: "production=90,challenger=10" ("" = the served model answers everything)
+    model_split: str = Field("", max_length=512)
+    #: a ref run in shadow on every fix another model served (stored beside it, never returned); "" = off
+    model_shadow: str = Field("", max_length=64)
+    #: refs a payload's options.model may ask for besides the served model and the split's arms: "challenger,7"
+    model_allow: str = Field("", max_length=512)
     onnx_threads: int = Field(1, ge=1, le=64)  #: intra-op threads per worker child (children x threads <= cores)
     onnx_providers: str = Field("CPUExecutionProvider", min_length=1)  #: comma-separated execution providers, in order
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)  #: cap on one serialized payload
@@ -97,7 +106,14 @@ class Settings(BaseSettings):
         if a == b or b.startswith(a + "."):  # each is bound as "<name>.#": one would receive the other's messages
             raise ValueError(f"queue ({self.queue!r}) and batch_queue ({self.batch_queue!r}) must differ, and neither "
                              "may start with the other's name and a dot (live fixes would wait behind batch work)")
+        if self.routes().active and parse_model_uri(self.model_uri or self.model_path).kind != "registry":
+            raise ValueError("HEIMDALL_MODEL_SPLIT, HEIMDALL_MODEL_SHADOW and HEIMDALL_MODEL_ALLOW name versions of a "
+                             "registered model: set HEIMDALL_MODEL_URI=models:/<name>@<alias>")
         return self
+
+    def routes(self) -> Routes:
+        """The A/B split, shadow and allow-list (:mod:`~heimdall_inference.registry.routes`); ConfigError if invalid."""
+        return parse_routes(self.model_split, self.model_shadow, self.model_allow)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":

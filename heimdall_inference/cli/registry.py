@@ -7,6 +7,7 @@
     heimdall-inference model list
     heimdall-inference model bootstrap [FILE] --alias production  # register + promote, only if the alias is unset
     heimdall-inference model reload                              # workers check their alias now (HEIMDALL_* broker)
+    heimdall-inference model compare [--since-hours 24]          # A/B arms and shadow agreement, from the database
 
 The registry is ``MLFLOW_TRACKING_URI``; artifacts go where its tracking server keeps them (S3/MinIO).
 These commands use the MLflow client (``pip install 'heimdall-inference[registry]'``); workers read the
@@ -27,7 +28,7 @@ __all__ = ["add_parser", "run"]
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("model", help="the model: info, and the MLflow registry (register, promote, list)")
-    p.add_argument("action", choices=("info", "register", "promote", "list", "bootstrap", "reload"))
+    p.add_argument("action", choices=("info", "register", "promote", "list", "bootstrap", "reload", "compare"))
     p.add_argument("target", nargs="?", default=None,
                    help="register/bootstrap: the ONNX file (bootstrap: default the shipped model); promote: the version")
     p.add_argument("--model", type=Path, default=None, help="info: ONNX model file (default: the shipped model)")
@@ -35,6 +36,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--name", default=None, help="registered model name (default: localization_model)")
     p.add_argument("--alias", default=None, help="promote (required) / register (optional): e.g. production, challenger")
     p.add_argument("--card", type=Path, default=None, help="register: the model card (default: MODEL_CARD.md beside the file)")
+    p.add_argument("--since-hours", type=float, default=24.0,
+                   help="compare: fixes captured in the last this many hours (0 = all)")
 
 
 def _registry() -> Any:
@@ -59,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--alias {args.alias!r}: letters, digits, '_' and '-', starting with a letter")
     if args.action == "reload":
         return reload_workers()
+    if args.action == "compare":
+        return compare(args.since_hours)
     if args.action == "info" and args.uri is None:
         from ..core.session import ModelSession
 
@@ -94,6 +99,23 @@ def run(args: argparse.Namespace) -> int:
     else:
         out = [v.to_dict() for v in reg.versions(name)]
     print(json.dumps(out, indent=2))
+    return 0
+
+
+def compare(since_hours: float) -> int:
+    """``model compare``: the A/B arms and the shadow model's agreement, from the database (HEIMDALL_DATABASE_URL)."""
+    from ..ops.experiments import experiment_report
+    from ..settings import process_settings
+    from ..store import open_store
+
+    if since_hours < 0:
+        raise ConfigError("--since-hours must be >= 0 (0: all stored fixes)")
+    settings = process_settings()
+    store = open_store(settings.database_url, schema=settings.db_schema, pool_max=1)
+    try:
+        print(json.dumps(experiment_report(store, since_hours=since_hours or None), indent=2))
+    finally:
+        store.close()
     return 0
 
 

@@ -22,9 +22,23 @@ from .fix import build_fixes
 from .session import ModelSession, SessionOptions
 from .uncertainty import covariance_from_params
 
-__all__ = ["Localizer", "Estimates"]
+__all__ = ["Localizer", "Estimates", "FeatureBatch"]
 
 RawPayload = bytes | bytearray | memoryview | dict[str, Any]
+
+
+@dataclass(frozen=True)
+class FeatureBatch:
+    """A batch's model inputs: features [B, R, mels, frames], receiver mask [B, R], and what they took (ms)."""
+
+    feats: np.ndarray
+    mask: np.ndarray
+    ms: float
+
+    def take(self, rows: Sequence[int]) -> "FeatureBatch":
+        """These rows (their share of the time)."""
+        idx = np.asarray(rows, dtype=np.intp)
+        return FeatureBatch(self.feats[idx], self.mask[idx], self.ms * len(idx) / max(1, len(self.feats)))
 
 
 @dataclass
@@ -64,8 +78,15 @@ class Localizer:
         """Validate one payload; raises PayloadError. ``digest=False`` skips the cache key."""
         return self.decoder.decode(raw, digest=digest)
 
-    def estimate(self, decoded: Sequence[DecodedPayload]) -> Estimates:
-        """Features for every present receiver in one pass, then one session run."""
+    def same_inputs(self, other: "Localizer") -> bool:
+        """Do both models take the same payloads and features (receivers, signal, feature plan)? Then one
+        decode and one feature pass serve both (A/B arms, a shadow model)."""
+        a, b = self.spec, other.spec
+        return (a.network.to_dict(), a.features, a.bands_hz, a.min_receivers, a.max_resample_ratio) == \
+            (b.network.to_dict(), b.features, b.bands_hz, b.min_receivers, b.max_resample_ratio)
+
+    def features(self, decoded: Sequence[DecodedPayload]) -> FeatureBatch:
+        """Features [B, R, mels, frames] and the receiver mask [B, R] of a batch, in one pass."""
         t0 = time.perf_counter()
         b, r = len(decoded), len(self.spec.network)
         m, t = self.plan.shape
@@ -80,23 +101,30 @@ class Localizer:
         if len(rows):
             feats[rows, slots] = self.plan(iq)
             mask[rows, slots] = 1.0
+        return FeatureBatch(feats, mask, (time.perf_counter() - t0) * 1e3)
+
+    def estimate(self, decoded: Sequence[DecodedPayload], features: FeatureBatch | None = None) -> Estimates:
+        """Features for every present receiver in one pass (or ``features`` computed already by a model with
+        the same inputs, :meth:`same_inputs`), then one session run."""
+        f = features if features is not None else self.features(decoded)
         t1 = time.perf_counter()
-        mean, params = self.session.run(feats, mask)
+        mean, params = self.session.run(f.feats, f.mask)
         t2 = time.perf_counter()
         return Estimates(mean_enu=mean.astype(np.float64), cov=covariance_from_params(params),
-                         features_ms=(t1 - t0) * 1e3, inference_ms=(t2 - t1) * 1e3)
+                         features_ms=f.ms, inference_ms=(t2 - t1) * 1e3)
 
     def fixes(self, decoded: Sequence[DecodedPayload], *, decode_ms: float = 0.0,
-              task_ids: list[str | None] | None = None,
-              alias: str | None = None) -> list[dict[str, Any] | InferenceError]:
+              task_ids: list[str | None] | None = None, alias: str | None = None,
+              features: FeatureBatch | None = None) -> list[dict[str, Any] | InferenceError]:
         """Estimate and build the ``heimdall.fix/v1`` documents; timings are per fix (batch / B).
 
         A payload whose position or covariance comes out non-finite gets an :class:`InferenceError`
         in its slot (a server fault, never a fix, never cached or stored); its neighbours are unaffected.
+        ``features``: these payloads' features, computed already (:meth:`estimate`).
         """
         if not decoded:
             return []
-        est = self.estimate(decoded)
+        est = self.estimate(decoded, features)
         b = len(decoded)
         timings = {"decode": round(decode_ms / b, 3), "features": round(est.features_ms / b, 3),
                    "inference": round(est.inference_ms / b, 3)}

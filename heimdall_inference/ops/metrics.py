@@ -23,6 +23,7 @@ STAGES = ("queue", "decode", "features", "inference", "store")
 _CACHED_STAGES = ("queue", "decode", "store")
 _STAGE_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_DISTANCE_BUCKETS_M = (100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5)
 
 
 def count_model_watch(result: str, registry: Any = None) -> None:
@@ -78,7 +79,13 @@ class ServiceMetrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         reg = registry
-        self.fixes = Counter("heimdall_fixes", "Fixes returned, by origin", ["cached"], registry=reg)
+        self.fixes = Counter("heimdall_fixes", "Fixes, by the model version that computed them, role (served: returned "
+                             "and stored; shadow: stored beside a served fix, never returned) and origin (cached)",
+                             ["model_version", "role", "cached"], registry=reg)
+        self.shadow_errors = Counter("heimdall_shadow_errors", "Shadow runs that gave no fix (the served fix is "
+                                     "unaffected)", registry=reg)
+        self.shadow_distance = Histogram("heimdall_shadow_distance_meters", "Distance between a served fix and the "
+                                         "shadow model's fix beside it", buckets=_DISTANCE_BUCKETS_M, registry=reg)
         self.rejections = Counter("heimdall_rejections", "Payloads rejected, by error code", ["code"], registry=reg)
         self.cache = Counter("heimdall_cache_requests", "Prediction cache lookups", ["result"], registry=reg)
         self.store_errors = Counter("heimdall_store_errors", "Database writes that failed (retried)", registry=reg)
@@ -94,26 +101,45 @@ class ServiceMetrics:
 
         self.swaps = Counter("heimdall_model_swaps", "Model swaps in this child, by result (swapped; failed: the new "
                              "version did not load, the old one serves)", ["result"], registry=reg)
-        self._model_labels: dict[str, str] | None = None
+        self._model_labels: list[dict[str, str]] = []
 
     def model_loaded(self, name: str, version: str, alias: str | None, source: str) -> None:
-        """This child serves this model now (the one it served before reads 0)."""
-        if self._model_labels is not None:
-            self.model.labels(**self._model_labels).set(0)
-        self._model_labels = {"name": name, "version": version, "alias": alias or "", "source": source}
-        self.model.labels(**self._model_labels).set(1)
+        """This child serves this model now, alone (the ones it served before read 0)."""
+        self.models_loaded([(name, version, alias, source)])
+
+    def models_loaded(self, models: Iterable[tuple[str, str, str | None, str]]) -> None:
+        """This child serves these models now, as (name, version, alias, source); the ones it served before read 0."""
+        labels = [{"name": n, "version": v, "alias": a or "", "source": s} for n, v, a, s in models]
+        for old in self._model_labels:
+            if old not in labels:
+                self.model.labels(**old).set(0)
+        self._model_labels = labels
+        for now in labels:
+            self.model.labels(**now).set(1)
 
     def swap_done(self, result: str) -> None:
         self.swaps.labels(result=result).inc()
 
     def fixes_done(self, fixes: Iterable[dict[str, Any]]) -> None:
+        """Served fixes: counted by model version and origin; their stage times observed."""
         for f in fixes:
             cached = bool(f.get("cached"))
-            self.fixes.labels(cached="true" if cached else "false").inc()
+            self.fixes.labels(model_version=str(f["model"]["version"]), role="served",
+                              cached="true" if cached else "false").inc()
             t = f.get("timings_ms") or {}
             for stage in (_CACHED_STAGES if cached else STAGES):  # a cache hit ran no features or model
                 if stage in t:
                     self.stage.labels(stage=stage).observe(float(t[stage]) / 1e3)
+
+    def shadow_stored(self, served: dict[str, Any], shadow: dict[str, Any]) -> None:
+        """A shadow model's fix stored beside a served one: counted, and how far apart they are."""
+        self.fixes.labels(model_version=str(shadow["model"]["version"]), role="shadow",
+                          cached="true" if shadow.get("cached") else "false").inc()
+        a, b = served["position"], shadow["position"]
+        self.shadow_distance.observe(((a["east_m"] - b["east_m"]) ** 2 + (a["north_m"] - b["north_m"]) ** 2) ** 0.5)
+
+    def shadow_failed(self) -> None:
+        self.shadow_errors.inc()
 
     def cache_lookups(self, hits: int, misses: int) -> None:
         if hits:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ from .cache import ModelCache
 from .uri import parse_model_uri
 from .verify import check_in_subprocess
 
-__all__ = ["ResolvedModel", "resolve_model", "default_cache_dir"]
+__all__ = ["ResolvedModel", "ModelSet", "resolve_model", "default_cache_dir", "ref_uri"]
 
 log = logging.getLogger(__name__)
 
@@ -111,3 +111,43 @@ def resolve_model(uri: str, *, cache_dir: Path, registry: Callable[[], Any] | No
         return ResolvedModel(path=fallback.path, source="cache", name=name, version=fallback.version, alias=alias,
                              sha256=fallback.sha256, uri=str(parsed))
 
+
+
+@dataclass(frozen=True)
+class ModelSet:
+    """Every model a worker serves: its own (``HEIMDALL_MODEL_URI``) and the other refs its routes name.
+
+    ``others`` maps a ref (an alias or a version of the same registered model) to what it resolved to; a
+    ref that could not be resolved (no such alias yet, a version refused) is absent, and requests routed
+    to it are served by the primary."""
+
+    primary: ResolvedModel
+    others: tuple[tuple[str, ResolvedModel], ...] = ()  #: (ref, model), sorted by ref
+
+    @classmethod
+    def of(cls, primary: ResolvedModel, others: dict[str, ResolvedModel] | None = None) -> "ModelSet":
+        return cls(primary, tuple(sorted((others or {}).items())))
+
+    def other(self, ref: str) -> ResolvedModel | None:
+        return dict(self.others).get(ref)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"primary": _model_doc(self.primary), "others": {ref: _model_doc(m) for ref, m in self.others}}
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> "ModelSet":
+        return cls.of(_model_from(doc["primary"]), {ref: _model_from(m) for ref, m in doc.get("others", {}).items()})
+
+
+def _model_doc(m: ResolvedModel) -> dict[str, Any]:
+    return {**asdict(m), "path": str(m.path) if m.path else None}
+
+
+def _model_from(doc: dict[str, Any]) -> ResolvedModel:
+    return ResolvedModel(**{**doc, "path": Path(doc["path"]) if doc.get("path") else None})
+
+
+def ref_uri(primary_uri: str, ref: str) -> str:
+    """``models:/<name>@<ref>`` (an alias) or ``models:/<name>/<ref>`` (a version) of the primary's model."""
+    name = parse_model_uri(primary_uri).name
+    return f"models:/{name}/{ref}" if ref.isdigit() else f"models:/{name}@{ref}"

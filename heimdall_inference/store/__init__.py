@@ -10,9 +10,9 @@ Each module translates its library's exceptions (psycopg, sqlite3, redis, botoco
 
 from __future__ import annotations
 
-from .base import FixWrites, MemoryStore, Store, fix_row, rejection_row
+from .base import FixWrites, MemoryStore, Store, fix_row, rejection_row, shadow_row
 
-__all__ = ["Store", "MemoryStore", "FixWrites", "fix_row", "rejection_row", "open_store"]
+__all__ = ["Store", "MemoryStore", "FixWrites", "fix_row", "shadow_row", "rejection_row", "open_store"]
 
 
 def open_store(database_url: str, *, schema: str = "public", pool_max: int = 4,

@@ -5,12 +5,20 @@ from __future__ import annotations
 import threading
 from typing import Any, NamedTuple, Protocol
 
-__all__ = ["Store", "MemoryStore", "FixWrites", "fix_row", "rejection_row", "storable_text", "FIX_COLUMNS",
-           "REJECTION_COLUMNS", "TIMESCALEDB_MODES"]
+__all__ = ["Store", "MemoryStore", "FixWrites", "fix_row", "shadow_row", "rejection_row", "storable_text",
+           "FIX_COLUMNS", "SHADOW_COLUMNS", "PAIR_COLUMNS", "REJECTION_COLUMNS", "TIMESCALEDB_MODES"]
 
 FIX_COLUMNS = ("captured_at", "fix_key", "task_id", "request_id", "lat", "lon", "east_m", "north_m",
                "cov_ee_m2", "cov_en_m2", "cov_nn_m2", "semi_major_95_m", "semi_minor_95_m", "orientation_95_deg",
-               "receivers", "model_name", "model_version", "cached", "timings_ms", "fix", "digest")
+               "receivers", "model_name", "model_version", "model_alias", "cached", "timings_ms", "fix", "digest")
+SHADOW_COLUMNS = ("captured_at", "fix_key", "served_version", "model_name", "model_version", "model_alias", "lat",
+                  "lon", "east_m", "north_m", "cov_ee_m2", "cov_en_m2", "cov_nn_m2", "semi_major_95_m",
+                  "semi_minor_95_m", "orientation_95_deg")
+"""``shadow_fixes``: a shadow model's fix beside the served one (same key and capture time), never returned."""
+_GEOMETRY = ("model_version", "model_alias", "east_m", "north_m", "cov_ee_m2", "cov_en_m2", "cov_nn_m2",
+             "semi_major_95_m")
+PAIR_COLUMNS = tuple(f"served_{c}" for c in _GEOMETRY) + tuple(f"shadow_{c}" for c in _GEOMETRY)
+"""What :meth:`Store.shadow_pairs` returns per stored fix with a shadow beside it."""
 REJECTION_COLUMNS = ("reject_key", "task_id", "request_id", "code", "message", "field", "receivers", "size_bytes")
 TIMESCALEDB_MODES = ("auto", "on", "off")
 """``init_schema(timescaledb=…)``: use the extension where it works (auto), require it (on), never (off)."""
@@ -53,9 +61,17 @@ def fix_row(fix: dict[str, Any], digest: str = "") -> dict[str, Any]:
         "cov_ee_m2": cov[0][0], "cov_en_m2": cov[0][1], "cov_nn_m2": cov[1][1],
         "semi_major_95_m": e95["semi_major_m"], "semi_minor_95_m": e95["semi_minor_m"],
         "orientation_95_deg": e95["orientation_deg"], "receivers": list(fix["receivers_used"]),
-        "model_name": fix["model"]["name"], "model_version": fix["model"]["version"], "cached": bool(fix["cached"]),
+        "model_name": fix["model"]["name"], "model_version": fix["model"]["version"],
+        "model_alias": fix["model"].get("alias"), "cached": bool(fix["cached"]),
         "timings_ms": fix.get("timings_ms", {}), "fix": _without_geojson(fix), "digest": digest or None,
     }
+
+
+def shadow_row(shadow: dict[str, Any], served: dict[str, Any]) -> dict[str, Any]:
+    """A shadow model's fix -> one ``shadow_fixes`` row, keyed like the served fix it stands beside."""
+    row = fix_row(shadow)
+    return {**{c: row[c] for c in SHADOW_COLUMNS if c in row}, "fix_key": served.get("request_id") or served["task_id"],
+            "captured_at": served["captured_at"], "served_version": served["model"]["version"]}
 
 
 def _without_geojson(fix: dict[str, Any]) -> dict[str, Any]:
@@ -86,12 +102,19 @@ class Store(Protocol):
         """Create or migrate the tables (a hypertable with policies where TimescaleDB is used, see
         :data:`TIMESCALEDB_MODES`); returns what it did."""
 
-    def write_fixes(self, rows: list[dict[str, Any]]) -> FixWrites:
+    def write_fixes(self, rows: list[dict[str, Any]], shadows: list[dict[str, Any] | None] | None = None) -> FixWrites:
         """Insert fix rows idempotently in one transaction; returns how many were new and which rows
-        conflict (their key is stored with another digest).
+        conflict (their key is stored with another digest). ``shadows`` (aligned with ``rows``): a shadow
+        model's row to store beside each fix, in the same transaction, except beside a conflicting one.
 
         Raises TransientError when the database cannot be reached (retry), StorageError otherwise.
         """
+
+    def shadow_pairs(self, since: str | None = None, limit: int = 1_000_000) -> list[dict[str, Any]]:
+        """Stored fixes captured since ``since`` (ISO 8601) with a shadow fix beside them: :data:`PAIR_COLUMNS`."""
+
+    def arm_counts(self, since: str | None = None) -> list[dict[str, Any]]:
+        """Stored fixes captured since ``since`` by model version and alias: ``{model_version, model_alias, fixes}``."""
 
     def write_rejections(self, rows: list[dict[str, Any]]) -> None:
         """Record rejected payloads, once per (key, code). Raises TransientError when the database
@@ -112,13 +135,14 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.fixes: dict[tuple[str, str], dict[str, Any]] = {}
+        self.shadows: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.rejections: list[dict[str, Any]] = []
         self._lock = threading.Lock()
 
     def init_schema(self, *, timescaledb: str = "auto") -> dict[str, Any]:
         return {"backend": "memory", "timescaledb": False}
 
-    def write_fixes(self, rows: list[dict[str, Any]]) -> FixWrites:
+    def write_fixes(self, rows: list[dict[str, Any]], shadows: list[dict[str, Any] | None] | None = None) -> FixWrites:
         with self._lock:
             new, conflicts = 0, set()
             for i, r in enumerate(rows):
@@ -128,7 +152,26 @@ class MemoryStore:
                     new += 1
                 elif r.get("digest") and self.fixes[k].get("digest") not in (None, r["digest"]):
                     conflicts.add(i)
+            for i, sh in enumerate(shadows or ()):
+                if sh is not None and i not in conflicts:
+                    self.shadows.setdefault((sh["fix_key"], sh["captured_at"], sh["model_version"]), sh)
             return FixWrites(new, frozenset(conflicts))
+
+    def shadow_pairs(self, since: str | None = None, limit: int = 1_000_000) -> list[dict[str, Any]]:
+        out = []
+        for (key, at, _), sh in sorted(self.shadows.items()):
+            p = self.fixes.get((key, at))
+            if p is not None and (since is None or at >= since):
+                out.append({**{f"served_{c}": p[c] for c in _GEOMETRY}, **{f"shadow_{c}": sh[c] for c in _GEOMETRY}})
+        return out[:limit]
+
+    def arm_counts(self, since: str | None = None) -> list[dict[str, Any]]:
+        counts: dict[tuple[str, str | None], int] = {}
+        for (_, at), r in self.fixes.items():
+            if since is None or at >= since:
+                k = (r["model_version"], r.get("model_alias"))
+                counts[k] = counts.get(k, 0) + 1
+        return [{"model_version": v, "model_alias": a, "fixes": n} for (v, a), n in sorted(counts.items(), key=str)]
 
     def write_rejections(self, rows: list[dict[str, Any]]) -> None:
         with self._lock:

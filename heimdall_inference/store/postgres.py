@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import ConfigError, StorageError, TransientError
-from .base import FIX_COLUMNS, REJECTION_COLUMNS, TIMESCALEDB_MODES, FixWrites
+from .base import FIX_COLUMNS, PAIR_COLUMNS, REJECTION_COLUMNS, SHADOW_COLUMNS, TIMESCALEDB_MODES, FixWrites
 
 __all__ = ["PostgresStore"]
 
@@ -66,16 +66,38 @@ CREATE TABLE IF NOT EXISTS {schema}.rejections (
     size_bytes  integer,
     reject_key  text
 );
+CREATE TABLE IF NOT EXISTS {schema}.shadow_fixes (
+    captured_at        timestamptz      NOT NULL,
+    fix_key            text             NOT NULL,
+    served_version     text             NOT NULL,
+    model_name         text             NOT NULL,
+    model_version      text             NOT NULL,
+    model_alias        text,
+    lat                double precision NOT NULL,
+    lon                double precision NOT NULL,
+    east_m             double precision,
+    north_m            double precision,
+    cov_ee_m2          double precision NOT NULL,
+    cov_en_m2          double precision NOT NULL,
+    cov_nn_m2          double precision NOT NULL,
+    semi_major_95_m    double precision,
+    semi_minor_95_m    double precision,
+    orientation_95_deg double precision,
+    stored_at          timestamptz      NOT NULL DEFAULT now(),
+    PRIMARY KEY (fix_key, captured_at, model_version)
+);
 ALTER TABLE {schema}.predictions ADD COLUMN IF NOT EXISTS digest text;
+ALTER TABLE {schema}.predictions ADD COLUMN IF NOT EXISTS model_alias text;
 ALTER TABLE {schema}.rejections ADD COLUMN IF NOT EXISTS reject_key text;
 CREATE UNIQUE INDEX IF NOT EXISTS rejections_once_idx ON {schema}.rejections (reject_key, code);
 """
-"""Creates the tables, and migrates tables made by an earlier version (the two ADD COLUMNs)."""
+"""Creates the tables, and migrates tables made by an earlier version (the ADD COLUMNs)."""
 
-# {table} is the predictions table's name as a text literal (a regclass argument), {schema} an Identifier.
+# {table} is a table's name as a text literal (a regclass argument), {ident} the same as an Identifier; both
+# tables (predictions, shadow_fixes) are hypertables on captured_at with the same policies.
 TIMESCALE = """
 SELECT create_hypertable({table}, 'captured_at', if_not_exists => TRUE, migrate_data => TRUE);
-ALTER TABLE {schema}.predictions SET (timescaledb.compress, timescaledb.compress_segmentby = 'model_version');
+ALTER TABLE {ident} SET (timescaledb.compress, timescaledb.compress_segmentby = 'model_version');
 SELECT add_compression_policy({table}, INTERVAL '7 days', if_not_exists => TRUE);
 SELECT add_retention_policy({table}, INTERVAL '400 days', if_not_exists => TRUE);
 """
@@ -96,6 +118,7 @@ class PostgresStore:
         self._schema = sql.Identifier(schema)
         self._predictions = sql.Identifier(schema, "predictions")
         self._rejections = sql.Identifier(schema, "rejections")
+        self._shadows = sql.Identifier(schema, "shadow_fixes")
         self.timeout_s = timeout_s
         options = f"-c statement_timeout={int(statement_timeout_ms)}"
         self.pool = ConnectionPool(url, min_size=1, max_size=max(1, pool_max), open=False, timeout=timeout_s,
@@ -110,6 +133,10 @@ class PostgresStore:
         self._insert_rej = sql.SQL("INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (reject_key, code) DO NOTHING").format(
             self._rejections, sql.SQL(", ").join(map(sql.Identifier, REJECTION_COLUMNS)),
             sql.SQL(", ").join(map(sql.Placeholder, REJECTION_COLUMNS))).as_string()
+        self._insert_shadow = sql.SQL(
+            "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT (fix_key, captured_at, model_version) DO NOTHING").format(
+            self._shadows, sql.SQL(", ").join(map(sql.Identifier, SHADOW_COLUMNS)),
+            sql.SQL(", ").join(map(sql.Placeholder, SHADOW_COLUMNS))).as_string()
         # the stored digests of a batch's keys (only asked when some rows were already there)
         self._stored_digests = sql.SQL(
             "SELECT p.fix_key, p.captured_at, p.digest FROM {} p JOIN unnest(%s::text[], %s::timestamptz[]) "
@@ -145,9 +172,10 @@ class PostgresStore:
                                       "use a plain table")
                 done["timescaledb_note"] = f"{why}; using a plain table"
                 return done
-            table = sql.Literal(self._predictions.as_string(conn))
-            for stmt in TIMESCALE.strip().split(";\n"):
-                conn.execute(sql.SQL(stmt).format(schema=self._schema, table=table))
+            for ident in (self._predictions, self._shadows):
+                table = sql.Literal(ident.as_string(conn))
+                for stmt in TIMESCALE.strip().split(";\n"):
+                    conn.execute(sql.SQL(stmt).format(ident=ident, table=table))
             done["timescaledb"] = True
             return done
 
@@ -173,7 +201,7 @@ class PostgresStore:
             return f"CREATE EXTENSION timescaledb failed: {_first_line(exc)}"
         return None
 
-    def write_fixes(self, rows: list[dict[str, Any]]) -> FixWrites:
+    def write_fixes(self, rows: list[dict[str, Any]], shadows: list[dict[str, Any] | None] | None = None) -> FixWrites:
         if not rows:
             return FixWrites(0)
         prepared = [{**r, "timings_ms": Jsonb(r["timings_ms"]), "fix": Jsonb(r["fix"])} for r in rows]
@@ -185,9 +213,12 @@ class PostgresStore:
                 with conn.cursor() as cur:
                     cur.executemany(self._insert_fix, prepared)  # rowcount: the sum over the statements
                     new = max(cur.rowcount, 0)
-            if new == len(rows) or not any(r.get("digest") for r in rows):
-                return FixWrites(new)
-            return FixWrites(new, self._conflicts(conn, rows))
+            done = FixWrites(new) if new == len(rows) or not any(r.get("digest") for r in rows) else \
+                FixWrites(new, self._conflicts(conn, rows))
+            beside = [s for i, s in enumerate(shadows or ()) if s is not None and i not in done.conflicts]
+            if beside:
+                conn.cursor().executemany(self._insert_shadow, beside)
+            return done
 
         return self._run(go)
 
@@ -214,6 +245,22 @@ class PostgresStore:
     def count_fixes(self) -> int:
         return self._run(lambda conn: conn.execute(sql.SQL("SELECT count(*) FROM {}").format(self._predictions))
                          .fetchone()[0])
+
+    def shadow_pairs(self, since: str | None = None, limit: int = 1_000_000) -> list[dict[str, Any]]:
+        cols = sql.SQL(", ").join([sql.SQL("p.{} AS {}").format(sql.Identifier(c.removeprefix("served_")),
+                                                                 sql.Identifier(c)) for c in PAIR_COLUMNS[:8]] +
+                                  [sql.SQL("s.{} AS {}").format(sql.Identifier(c.removeprefix("shadow_")),
+                                                                sql.Identifier(c)) for c in PAIR_COLUMNS[8:]])
+        query = sql.SQL("SELECT {} FROM {} p JOIN {} s USING (fix_key, captured_at) WHERE p.captured_at >= %s "
+                        "ORDER BY p.captured_at DESC LIMIT %s").format(cols, self._predictions, self._shadows)
+        return self._run(lambda conn: [dict(zip(PAIR_COLUMNS, r)) for r in conn.execute(
+            query, (since or "-infinity", int(limit))).fetchall()])
+
+    def arm_counts(self, since: str | None = None) -> list[dict[str, Any]]:
+        query = sql.SQL("SELECT model_version, model_alias, count(*) FROM {} WHERE captured_at >= %s "
+                        "GROUP BY 1, 2 ORDER BY 1, 2").format(self._predictions)
+        return self._run(lambda conn: [{"model_version": v, "model_alias": a, "fixes": n} for v, a, n in
+                                       conn.execute(query, (since or "-infinity",)).fetchall()])
 
     def fetch_fix(self, fix_key: str) -> dict[str, Any] | None:
         """The stored fix document for a request or task id (newest first)."""

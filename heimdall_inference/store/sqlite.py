@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, StorageError, TransientError
-from .base import FIX_COLUMNS, REJECTION_COLUMNS, FixWrites
+from .base import FIX_COLUMNS, PAIR_COLUMNS, REJECTION_COLUMNS, SHADOW_COLUMNS, FixWrites
 
 __all__ = ["SqliteStore"]
 
@@ -19,10 +19,18 @@ CREATE TABLE IF NOT EXISTS predictions (
     lat REAL NOT NULL, lon REAL NOT NULL, east_m REAL, north_m REAL,
     cov_ee_m2 REAL NOT NULL, cov_en_m2 REAL NOT NULL, cov_nn_m2 REAL NOT NULL,
     semi_major_95_m REAL, semi_minor_95_m REAL, orientation_95_deg REAL,
-    receivers TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL,
+    receivers TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL, model_alias TEXT,
     cached INTEGER NOT NULL DEFAULT 0, timings_ms TEXT, fix TEXT NOT NULL,
     stored_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), digest TEXT,
     PRIMARY KEY (fix_key, captured_at)
+);
+CREATE TABLE IF NOT EXISTS shadow_fixes (
+    captured_at TEXT NOT NULL, fix_key TEXT NOT NULL, served_version TEXT NOT NULL, model_name TEXT NOT NULL,
+    model_version TEXT NOT NULL, model_alias TEXT, lat REAL NOT NULL, lon REAL NOT NULL, east_m REAL, north_m REAL,
+    cov_ee_m2 REAL NOT NULL, cov_en_m2 REAL NOT NULL, cov_nn_m2 REAL NOT NULL,
+    semi_major_95_m REAL, semi_minor_95_m REAL, orientation_95_deg REAL,
+    stored_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    PRIMARY KEY (fix_key, captured_at, model_version)
 );
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -32,6 +40,7 @@ CREATE TABLE IF NOT EXISTS rejections (
 );
 """
 MIGRATIONS = {("predictions", "digest"): "ALTER TABLE predictions ADD COLUMN digest TEXT",
+              ("predictions", "model_alias"): "ALTER TABLE predictions ADD COLUMN model_alias TEXT",
               ("rejections", "reject_key"): "ALTER TABLE rejections ADD COLUMN reject_key TEXT"}
 """Columns added since the first version, for files made by it (SQLite has no ADD COLUMN IF NOT EXISTS)."""
 INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS rejections_once_idx ON rejections (reject_key, code)"
@@ -45,6 +54,8 @@ class SqliteStore:
         self._local = threading.local()
         cols = ", ".join(FIX_COLUMNS)
         self._insert_fix = f"INSERT OR IGNORE INTO predictions ({cols}) VALUES ({', '.join('?' * len(FIX_COLUMNS))})"
+        self._insert_shadow = (f"INSERT OR IGNORE INTO shadow_fixes ({', '.join(SHADOW_COLUMNS)}) VALUES "
+                               f"({', '.join('?' * len(SHADOW_COLUMNS))})")
         self._insert_rej = (f"INSERT OR IGNORE INTO rejections ({', '.join(REJECTION_COLUMNS)}) VALUES "
                             f"({', '.join('?' * len(REJECTION_COLUMNS))})")
 
@@ -83,7 +94,7 @@ class SqliteStore:
         self._run(go)
         return {"backend": "sqlite", "path": str(self.path), "timescaledb": False}
 
-    def write_fixes(self, rows: list[dict[str, Any]]) -> FixWrites:
+    def write_fixes(self, rows: list[dict[str, Any]], shadows: list[dict[str, Any] | None] | None = None) -> FixWrites:
         def values(r: dict[str, Any]) -> tuple:
             out = []
             for c in FIX_COLUMNS:
@@ -95,18 +106,35 @@ class SqliteStore:
             before = conn.total_changes
             conn.executemany(self._insert_fix, [values(r) for r in rows])
             new = conn.total_changes - before
-            if new == len(rows):
-                return FixWrites(new)
             conflicts = set()
-            for i, r in enumerate(rows):
-                if r.get("digest"):
-                    got = conn.execute("SELECT digest FROM predictions WHERE fix_key = ? AND captured_at = ?",
-                                       (r["fix_key"], r["captured_at"])).fetchone()
-                    if got is not None and got[0] is not None and got[0] != r["digest"]:
-                        conflicts.add(i)
+            if new != len(rows):
+                for i, r in enumerate(rows):
+                    if r.get("digest"):
+                        got = conn.execute("SELECT digest FROM predictions WHERE fix_key = ? AND captured_at = ?",
+                                           (r["fix_key"], r["captured_at"])).fetchone()
+                        if got is not None and got[0] is not None and got[0] != r["digest"]:
+                            conflicts.add(i)
+            beside = [tuple(sh[c] for c in SHADOW_COLUMNS) for i, sh in enumerate(shadows or ())
+                      if sh is not None and i not in conflicts]
+            if beside:
+                conn.executemany(self._insert_shadow, beside)
             return FixWrites(new, frozenset(conflicts))
 
         return self._run(go) if rows else FixWrites(0)
+
+    def shadow_pairs(self, since: str | None = None, limit: int = 1_000_000) -> list[dict[str, Any]]:
+        cols = ", ".join([f"p.{c.removeprefix('served_')}" for c in PAIR_COLUMNS[:8]] +
+                         [f"s.{c.removeprefix('shadow_')}" for c in PAIR_COLUMNS[8:]])
+        rows = self._run(lambda conn: conn.execute(
+            f"SELECT {cols} FROM predictions p JOIN shadow_fixes s USING (fix_key, captured_at) "
+            "WHERE p.captured_at >= ? ORDER BY p.captured_at DESC LIMIT ?", (since or "", int(limit))).fetchall())
+        return [dict(zip(PAIR_COLUMNS, r)) for r in rows]
+
+    def arm_counts(self, since: str | None = None) -> list[dict[str, Any]]:
+        rows = self._run(lambda conn: conn.execute(
+            "SELECT model_version, model_alias, count(*) FROM predictions WHERE captured_at >= ? GROUP BY 1, 2 "
+            "ORDER BY 1, 2", (since or "",)).fetchall())
+        return [{"model_version": v, "model_alias": a, "fixes": n} for v, a, n in rows]
 
     def write_rejections(self, rows: list[dict[str, Any]]) -> None:
         if rows:

@@ -29,10 +29,13 @@ from ..core.payload import Limits
 from ..core.session import SessionOptions
 from ..ops.exporter import MetricsExporter
 from ..ops.metrics import ServiceMetrics
-from ..registry.resolve import ResolvedModel
+from ..registry.resolve import ModelSet, ResolvedModel
+from ..registry.routes import ref_of
+from ..registry.uri import parse_model_uri
 from ..settings import Settings, process_settings
 from ..store import open_store
 from ..store.cache import FixCache
+from .routing import Arm, Router
 from .service import Service
 
 __all__ = ["ProcessContext", "build_service", "build_child_context", "rebuild_service", "current", "parent",
@@ -50,7 +53,7 @@ class ProcessContext:
     service: Service | None = None  #: pool children: the warm pipeline around the model
     metrics: ServiceMetrics | None = None  #: pool children: counters and histograms (multiprocess files)
     exporter: MetricsExporter | None = None  #: main process: /metrics and /healthz
-    model: ResolvedModel | None = None  #: main process: the model resolved at start (children load it)
+    models: ModelSet | None = None  #: what this process serves (the main process resolved it; children load it)
     model_error: str | None = None  #: main process: why no model could be resolved (the worker then refuses to start)
     model_state: Path | None = None  #: the file the main process publishes model swaps in (children watch it)
     model_seen: tuple[int, int] | None = None  #: children: the state file's (inode, mtime) last acted on
@@ -80,34 +83,91 @@ def metrics_enabled(settings: Settings) -> bool:
     return settings.metrics_port > 0 and bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
+def _localizer(settings: Settings, model: ResolvedModel | None, fetch: Any) -> Localizer:
+    path = model.path if model is not None else (settings.model_path or None)
+    return Localizer(path, session_options=SessionOptions(intra_op_threads=settings.onnx_threads,
+                                                          providers=settings.providers),
+                     limits=Limits(max_payload_bytes=settings.max_payload_bytes), fetch_iq_ref=fetch,
+                     name=model.name if model is not None else None,
+                     version=model.version if model is not None else None)
+
+
+def _arms(settings: Settings, models: ModelSet | None, fetch: Any, reuse: Router | None = None,
+          warm: bool = False) -> Router:
+    """The router over every model in ``models``: the served one (its failure to load is raised), and each other
+    ref's (one that does not load, or takes other inputs than the served one, is logged and left out: its share
+    goes to the served model). A version already loaded in ``reuse`` keeps its session; a new one is loaded
+    beside it (and warmed, ``warm``)."""
+    loaded: dict[tuple[Any, ...], Arm] = {}
+    if reuse is not None:
+        for arm in reuse.arms:
+            loaded[_identity(arm.localizer)] = arm
+
+    def arm(model: ResolvedModel | None, ref: str | None) -> Arm:
+        key = _model_identity(model) if model is not None else None
+        old = loaded.get(key) if key is not None else None
+        if old is not None:
+            loc = old.localizer
+        else:
+            loc = _localizer(settings, model, fetch)
+            if warm:
+                loc.warm()
+            loaded[_identity(loc)] = Arm(loc)
+        return Arm(loc, alias=model.alias if model is not None else None, ref=ref,
+                   source=model.source if model is not None else "shipped")
+
+    primary = arm(models.primary if models else None, None)
+    others: dict[str, Arm] = {}
+    for ref, model in (models.others if models else ()):
+        before = reuse.arm(ref) if reuse is not None else None
+        try:
+            a = arm(model, ref)
+        except Exception as exc:
+            log.error("model %s (version %s) does not load here: %s; %s", ref, model.version, exc,
+                      f"version {before.version} keeps serving it" if before else "its requests go to the served model")
+            if before is not None:
+                others[ref] = before
+            continue
+        if not a.localizer.same_inputs(primary.localizer):
+            log.error("model %s (version %s) takes other inputs (receivers, signal or features) than the served "
+                      "version %s; it is not served beside it", ref, model.version, primary.version)
+            continue
+        others[ref] = a  # one session per file: a ref on the served version (or on another ref's) shares it
+    primary_ref = ref_of(parse_model_uri(models.primary.uri)) if models and models.primary.uri else None
+    return Router(primary, others, settings.routes(), primary_ref=primary_ref)
+
+
+def _identity(loc: Localizer) -> tuple[Any, ...]:
+    return (loc.version, loc.session.sha256)
+
+
+def _model_identity(model: ResolvedModel) -> tuple[Any, ...] | None:
+    return (model.version, model.sha256) if model.sha256 and model.version else None
+
+
 def build_service(settings: Settings, metrics: ServiceMetrics | None = None,
-                  model: ResolvedModel | None = None) -> Service:
-    """The warm Service for one process, from settings (loads the model: call it after fork). ``model`` is
-    what the worker's main process resolved at start; without one, ``model_path`` (else the shipped model)."""
+                  models: ModelSet | None = None) -> Service:
+    """The warm Service for one process, from settings (loads the models: call it after fork). ``models`` is
+    what the worker's main process resolved at start; without it, ``model_path`` (else the shipped model)."""
     fetch = None
     if settings.s3_endpoint_url:
         from ..store.objectstore import S3Fetcher
 
         fetch = S3Fetcher(settings.s3_endpoint_url)
-    path = model.path if model is not None else (settings.model_path or None)
-    loc = Localizer(path, session_options=SessionOptions(intra_op_threads=settings.onnx_threads,
-                                                         providers=settings.providers),
-                    limits=Limits(max_payload_bytes=settings.max_payload_bytes), fetch_iq_ref=fetch,
-                    name=model.name if model is not None else None,
-                    version=model.version if model is not None else None)
+    router = _arms(settings, models, fetch)
     store = open_store(settings.database_url, schema=settings.db_schema, pool_max=settings.db_pool_max,
                        statement_timeout_ms=settings.db_statement_timeout_ms)
     cache = FixCache(settings.cache_url, ttl_s=settings.cache_ttl_s, prefix=settings.redis_key_prefix) \
         if settings.cache_url else None
-    # a soft time limit ends the whole pass (its requests retry), it is never one request's outcome
     if metrics is not None:
-        metrics.model_loaded(loc.name, loc.version, model.alias if model else None, model.source if model else "shipped")
-    return Service(loc, store, cache, alias=model.alias if model is not None else None, metrics=metrics,
-                   interrupts=(SoftTimeLimitExceeded,))
+        metrics.models_loaded((a.name, a.version, a.alias, a.source) for a in router.arms)
+    # a soft time limit ends the whole pass (its requests retry), it is never one request's outcome
+    return Service(router.primary.localizer, store, cache, metrics=metrics, interrupts=(SoftTimeLimitExceeded,),
+                   router=router)
 
 
 def build_child_context(settings: Settings, metrics: ServiceMetrics | None = None,
-                        model: ResolvedModel | None = None, model_state: Path | None = None) -> ProcessContext:
+                        models: ModelSet | None = None, model_state: Path | None = None) -> ProcessContext:
     """A pool child's context: metrics (when exported) and the warm service."""
     if metrics is None and metrics_enabled(settings):
         metrics = ServiceMetrics(registry=None)  # multiprocess mode: the files are the registry
@@ -116,11 +176,11 @@ def build_child_context(settings: Settings, metrics: ServiceMetrics | None = Non
         from .model_swap import read_state
 
         try:
-            model = read_state(model_state)  # the main process' latest word, even one published since the fork
+            models = read_state(model_state)  # the main process' latest word, even one published since the fork
         except (OSError, ValueError, TypeError, KeyError):
-            log.exception("unreadable model state file %s; loading the model inherited at fork", model_state)
-    return ProcessContext(settings=settings, service=build_service(settings, metrics, model), metrics=metrics,
-                          model=model, model_state=model_state, model_seen=seen)
+            log.exception("unreadable model state file %s; loading the models inherited at fork", model_state)
+    return ProcessContext(settings=settings, service=build_service(settings, metrics, models), metrics=metrics,
+                          models=models, model_state=model_state, model_seen=seen)
 
 
 def _state_key(path: Path | None) -> tuple[int, int] | None:
@@ -134,20 +194,17 @@ def _state_key(path: Path | None) -> tuple[int, int] | None:
     return (st.st_ino, st.st_mtime_ns)
 
 
-def rebuild_service(ctx: ProcessContext, model: ResolvedModel) -> Service:
-    """A service on ``model`` beside ``ctx``'s, sharing its database pool, cache client and metrics; the new
-    session is warmed (one run) before it is returned."""
+def rebuild_service(ctx: ProcessContext, models: ModelSet) -> Service:
+    """A service on ``models`` beside ``ctx``'s, sharing its database pool, cache client, metrics and the sessions
+    of the versions that did not change; each new session is warmed (one run) before it is returned."""
     old = ctx.service
     if old is None:
-        return build_service(ctx.settings, ctx.metrics, model)
-    loc = Localizer(model.path, session_options=SessionOptions(intra_op_threads=ctx.settings.onnx_threads,
-                                                               providers=ctx.settings.providers),
-                    limits=Limits(max_payload_bytes=ctx.settings.max_payload_bytes),
-                    fetch_iq_ref=old.localizer.decoder.fetch_iq_ref, name=model.name, version=model.version)
-    loc.warm()
+        return build_service(ctx.settings, ctx.metrics, models)
+    router = _arms(ctx.settings, models, old.localizer.decoder.fetch_iq_ref, reuse=old.router, warm=True)
     if ctx.metrics is not None:
-        ctx.metrics.model_loaded(loc.name, loc.version, model.alias, model.source)
-    return Service(loc, old.store, old.cache, alias=model.alias, metrics=ctx.metrics, interrupts=old.interrupts)
+        ctx.metrics.models_loaded((a.name, a.version, a.alias, a.source) for a in router.arms)
+    return Service(router.primary.localizer, old.store, old.cache, metrics=ctx.metrics, interrupts=old.interrupts,
+                   router=router)
 
 
 class _Holder:
@@ -209,9 +266,9 @@ def current_service() -> Service:
         if ctx is None or ctx.service is None:
             base = ctx or ProcessContext(settings=process_settings())
             up = parent()
-            built = build_child_context(base.settings, base.metrics, base.model or (up.model if up else None),
+            built = build_child_context(base.settings, base.metrics, base.models or (up.models if up else None),
                                         base.model_state or (up.model_state if up else None))
-            ctx = base.with_(service=built.service, metrics=built.metrics, model=built.model,
+            ctx = base.with_(service=built.service, metrics=built.metrics, models=built.models,
                              model_state=built.model_state, model_seen=built.model_seen)
             _holder.context = ctx
     return ctx.service  # type: ignore[return-value]

@@ -45,7 +45,9 @@ from ..ops.exporter import MetricsExporter
 from ..ops.health import worker_health
 from ..ops.memory import pin_mmap_threshold
 from ..ops.metrics import count_model_watch, count_registry_fallback, prepare_multiprocess_dir
-from ..registry.resolve import ResolvedModel, default_cache_dir, resolve_model
+from ..registry.resolve import ModelSet, ResolvedModel, default_cache_dir, ref_uri, resolve_model
+from ..registry.routes import ref_of
+from ..registry.uri import parse_model_uri
 from ..settings import process_settings
 from .celery_internals import check_versions
 from .context import ProcessContext, build_child_context, current, install, parent
@@ -95,21 +97,26 @@ def _declare_work_queues(worker: Any, settings: Any) -> None:
 
 
 def _resolver(settings: Any, refused: set[tuple[str, str]] | None = None) -> Any:
-    """``resolve()``: the model HEIMDALL_MODEL_URI (else HEIMDALL_MODEL_PATH, else the shipped one) names now."""
+    """``resolve(ref=None)``: the model HEIMDALL_MODEL_URI (else HEIMDALL_MODEL_PATH, else the shipped one) names
+    now, or ``ref`` (an alias or version of the same registered model, named by the routes)."""
     def registry() -> Any:
         from ..registry.rest import RestRegistry
 
         return RestRegistry(timeout_s=settings.registry_timeout_s)
 
+    uri = settings.model_uri or settings.model_path
     cache_dir = Path(settings.model_cache_dir) if settings.model_cache_dir else default_cache_dir(settings.data_dir)
-    return lambda: resolve_model(settings.model_uri or settings.model_path, cache_dir=cache_dir, registry=registry,
-                                 refused=refused)
+    return lambda ref=None: resolve_model(ref_uri(uri, ref) if ref else uri, cache_dir=cache_dir, registry=registry,
+                                          refused=refused)
 
 
-def _resolve_model(settings: Any, *, exported: bool) -> tuple[ResolvedModel | None, str | None]:
-    """The model this worker serves, or why there is none."""
+def _resolve_models(settings: Any, *, exported: bool) -> tuple[ModelSet | None, str | None]:
+    """What this worker serves, or why it serves nothing: its own model must resolve; another model its routes
+    name that does not (its alias not set yet, a version refused) is left out, with a warning (its share goes to
+    the worker's own model until the watch finds it)."""
+    resolve = _resolver(settings)
     try:
-        model = _resolver(settings)()
+        model = resolve()
     except HeimdallError as exc:
         log.error("no model to serve: %s; this worker does not start (it takes no task it cannot serve)", exc)
         return None, str(exc)
@@ -119,7 +126,16 @@ def _resolve_model(settings: Any, *, exported: bool) -> tuple[ResolvedModel | No
     if model.source == "cache" and exported:
         count_registry_fallback()
     log.info("model: %s", {k: v for k, v in model.label().items() if v})
-    return model, None
+    others: dict[str, ResolvedModel] = {}
+    for ref in settings.routes().refs(ref_of(parse_model_uri(model.uri))):
+        try:
+            others[ref] = resolve(ref)
+        except Exception as exc:  # not fatal: the worker's own model serves this ref's requests meanwhile
+            log.warning("model %s is not served at start (%s); its requests go to version %s until it resolves",
+                        ref, exc, model.version)
+            continue
+        log.info("model %s: version %s (%s)", ref, others[ref].version, others[ref].source)
+    return ModelSet.of(model, others), None
 
 
 class ModelGuard(bootsteps.Step):
@@ -131,7 +147,7 @@ class ModelGuard(bootsteps.Step):
 
     def __init__(self, parent: Any, **kwargs: Any) -> None:
         ctx = current()
-        if ctx is not None and ctx.model is None and ctx.model_error:
+        if ctx is not None and ctx.models is None and ctx.model_error:
             raise ModelLoadError(f"no model to serve: {ctx.model_error}")
         if ctx is None and process_settings().model_uri:  # worker_init did not finish: never fall back silently
             raise ModelLoadError("no model to serve: the worker's start-up did not resolve HEIMDALL_MODEL_URI "
@@ -165,37 +181,40 @@ def _init_main(sender: Any = None, **_: Any) -> None:
     _declare_dead_letter_queue(sender)
     _declare_work_queues(sender, settings)
     exporter = _start_exporter(sender, settings.metrics_port) if settings.metrics_port > 0 else None
-    model, error = _resolve_model(settings, exported=exporter is not None)
-    ctx = ProcessContext(settings=settings, exporter=exporter, model=model, model_error=error)
+    models, error = _resolve_models(settings, exported=exporter is not None)
+    ctx = ProcessContext(settings=settings, exporter=exporter, models=models, model_error=error)
     install(ctx)
-    if model is not None and model.alias:
+    if models is not None and (models.primary.alias or settings.routes().active):
         _start_watch(ctx, exported=exporter is not None)
 
 
 def _start_watch(ctx: ProcessContext, *, exported: bool) -> None:
-    """Watch the served alias (HEIMDALL_MODEL_POLL_S, and the reload broadcast); children follow the state file."""
+    """Watch the served aliases (HEIMDALL_MODEL_POLL_S, and the reload broadcast); children follow the state file."""
     import tempfile
 
     state = Path(tempfile.mkdtemp(prefix="heimdall-model-")) / "model.json"
-
     refused: set[tuple[str, str]] = set()
-    resolve = _resolver(ctx.settings, refused=refused)
-    watcher = ModelWatcher(ctx.model, state, resolve, interval_s=ctx.settings.model_poll_s,
+    primary = ctx.models.primary
+    refs = ctx.settings.routes().refs(ref_of(parse_model_uri(primary.uri)))
+    watcher = ModelWatcher(ctx.models, state, _resolver(ctx.settings, refused=refused), refs=refs,
+                           interval_s=ctx.settings.model_poll_s,
                            count=count_model_watch if exported else (lambda result: None))
     install(ctx.with_(model_state=state, watcher=watcher.start()))
-    log.info("watching %s for a new version (every %s s, and on heimdall-inference model reload)", ctx.model.uri,
-             ctx.settings.model_poll_s or "never")
+    log.info("watching %s%s for a new version (every %s s, and on heimdall-inference model reload)", primary.uri,
+             "".join(f", {r}" for r in refs), ctx.settings.model_poll_s or "never")
 
 
 @control_command(name=RELOAD_COMMAND)
 def _reload(state: Any, **_: Any) -> dict[str, Any]:
-    """``heimdall-inference model reload``: check the served alias now (the swap itself happens in the
+    """``heimdall-inference model reload``: check the served aliases now (the swap itself happens in the
     background, and in each child between batches)."""
     ctx = current()
     if ctx is None or ctx.watcher is None:
         return {"ok": False, "error": "this worker serves no registry alias (HEIMDALL_MODEL_URI=models:/name@alias)"}
     ctx.watcher.request_check()
-    return {"ok": True, "uri": ctx.watcher.current.uri, "serving": ctx.watcher.current.version}
+    now = ctx.watcher.current
+    return {"ok": True, "uri": now.primary.uri, "serving": now.primary.version,
+            **({"others": {ref: m.version for ref, m in now.others}} if ctx.watcher.refs else {})}
 
 
 @celeryd_after_setup.connect
@@ -215,17 +234,17 @@ def _init_child(**_: Any) -> None:
     # solo pool this is the main process, whose context (and exporter) the service is added to.
     base = current()
     up = parent()
-    model = base.model if base else (up.model if up else None)
+    models = base.models if base else (up.models if up else None)
     state = base.model_state if base else (up.model_state if up else None)
     # (build_child_context reads the state file first: a swap published since the fork is loaded directly)
     try:
         built = build_child_context(base.settings if base else process_settings(), base.metrics if base else None,
-                                    model, state)
+                                    models, state)
     except Exception:  # leave it lazy: the first task reports the real error
         log.exception("could not build the service in this process")
         return
-    install(base.with_(service=built.service, metrics=built.metrics, model=built.model, model_seen=built.model_seen)
-            if base else built)
+    install(base.with_(service=built.service, metrics=built.metrics, models=built.models,
+                       model_seen=built.model_seen) if base else built)
 
 
 @worker_process_shutdown.connect

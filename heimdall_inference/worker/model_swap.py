@@ -1,17 +1,22 @@
-"""Hot swap: a new version behind the served alias reaches every child, between batches, with no task lost.
+"""Hot swap: a new version behind a served alias reaches every child, between batches, with no task lost.
 
 * **Main process** (:class:`ModelWatcher`, a thread): every ``HEIMDALL_MODEL_POLL_S`` seconds, or at once
-  when ``heimdall-inference model reload`` broadcasts ``heimdall_model_reload``, it resolves the alias
-  again (:func:`~heimdall_inference.registry.resolve.resolve_model`: download once per host, sha256 and
-  contract checked out of process). A new version is published to this worker's children by replacing a
-  small state file (atomically); a child forked later reads that file before it loads its model, and
-  under the solo pool the main process, which serves too, swaps like a child. A version that fails its checks is refused (logged, counted): the
-  children keep serving the old one. A registry that does not answer changes nothing.
+  when ``heimdall-inference model reload`` broadcasts ``heimdall_model_reload``, it resolves each model the
+  worker serves again (its own ``HEIMDALL_MODEL_URI``, and the refs its A/B split, shadow and allow-list
+  name: :func:`~heimdall_inference.registry.resolve.resolve_model`: download once per host, sha256 and
+  contract checked out of process). A change is published to this worker's children by replacing a small
+  state file holding the whole :class:`~heimdall_inference.registry.resolve.ModelSet` (atomically); a
+  child forked later reads that file before it loads its models, and under the solo pool the main
+  process, which serves too, swaps like a child. A version that fails its checks is refused (logged,
+  counted): the children keep serving the old one. A registry that does not answer changes nothing. A
+  ref other than the worker's own that does not resolve (its alias not set yet) is left out: its share
+  of the traffic goes to the worker's own model until it appears.
 * **Each child** (:func:`swapped`, called where a pass begins: one ``os.stat`` of the state file): when
-  the file changed, it loads and warms the new session beside the old one, builds a new service sharing
-  the old one's database pool and cache client, and replaces its process context as a whole; the old
-  session is dropped only then. A pass that began on the old model finishes on it. A new version that
-  does not load in the child is logged and counted, and the old one keeps serving.
+  the file changed, it loads and warms each new version beside the old ones, builds a new service sharing
+  the old one's database pool and cache client (and the sessions of the versions that did not change),
+  and replaces its process context as a whole; the old sessions are dropped only then. A pass that began
+  on the old models finishes on them. A new version that does not load in the child is logged and
+  counted, and the old ones keep serving.
 """
 
 from __future__ import annotations
@@ -22,51 +27,62 @@ import os
 import shutil
 import threading
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from ..errors import HeimdallError, RegistryUnavailable
-from ..registry.resolve import ResolvedModel
+from ..registry.resolve import ModelSet, ResolvedModel
 
-__all__ = ["ModelWatcher", "write_state", "read_state", "swapped", "RELOAD_COMMAND"]
+__all__ = ["ModelWatcher", "write_state", "read_state", "swapped", "same_models", "RELOAD_COMMAND"]
 
 log = logging.getLogger(__name__)
 
 RELOAD_COMMAND = "heimdall_model_reload"
 
 
-def write_state(path: Path, model: ResolvedModel) -> None:
-    """Publish ``model`` to the children (a new file replaces the old one: readers see one or the other)."""
-    doc = {**asdict(model), "path": str(model.path) if model.path else None}
+def write_state(path: Path, models: ModelSet) -> None:
+    """Publish ``models`` to the children (a new file replaces the old one: readers see one or the other)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc))
+    tmp.write_text(json.dumps(models.to_dict()))
     os.replace(tmp, path)
 
 
-def read_state(path: Path) -> ResolvedModel:
-    doc = json.loads(path.read_text())
-    return ResolvedModel(**{**doc, "path": Path(doc["path"]) if doc.get("path") else None})
+def read_state(path: Path) -> ModelSet:
+    return ModelSet.from_dict(json.loads(path.read_text()))
 
 
 def _same(a: ResolvedModel | None, b: ResolvedModel | None) -> bool:
     return a is not None and b is not None and (a.version, a.sha256, a.path) == (b.version, b.sha256, b.path)
 
 
-class ModelWatcher:
-    """The main process' watch on the served alias (a daemon thread; ``interval_s`` 0: only on reload)."""
+def same_models(a: ModelSet | None, b: ModelSet | None) -> bool:
+    """The same files behind the same refs (where they came from, registry or cache, does not count)."""
+    if a is None or b is None or not _same(a.primary, b.primary):
+        return False
+    return [r for r, _ in a.others] == [r for r, _ in b.others] and all(
+        _same(m, b.other(r)) for r, m in a.others)
 
-    def __init__(self, current: ResolvedModel, state_path: Path, resolve: Callable[[], ResolvedModel], *,
-                 interval_s: float, count: Callable[[str], None] = lambda result: None) -> None:
+
+class ModelWatcher:
+    """The main process' watch on the models a worker serves (a daemon thread; ``interval_s`` 0: only on reload).
+
+    ``resolve(ref)`` resolves the worker's own model (``ref`` None) or one of ``refs``, the other models its
+    routes name."""
+
+    def __init__(self, current: ModelSet, state_path: Path, resolve: Callable[[str | None], ResolvedModel], *,
+                 interval_s: float, refs: tuple[str, ...] = (),
+                 count: Callable[[str], None] = lambda result: None) -> None:
         self.current = current
         self.state_path = state_path
         self._resolve = resolve
+        self.refs = refs
         self.interval_s = float(interval_s)
         self._count = count
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.last_error: str | None = None
+        self._said: dict[str | None, str] = {}  #: the last result logged per ref (a missing alias is said once)
         self._thread: threading.Thread | None = None
         write_state(state_path, current)
 
@@ -96,35 +112,62 @@ class ModelWatcher:
                 self.check()
             except Exception as exc:  # the watch must outlive any one check (a state file that cannot be written)
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("model watch: the check failed; version %s keeps serving", self.current.version)
+                log.exception("model watch: the check failed; version %s keeps serving", self.current.primary.version)
                 self._result("error")
 
     def check(self) -> str:
-        """Resolve the alias again; publish a new version. Returns what happened (also counted)."""
+        """Resolve every served model again; publish what changed. Returns what happened (also counted, per
+        model): published, refused, unreachable, absent (a ref not in the registry now) or unchanged."""
         with self._lock:
-            try:
-                new = self._resolve()
-            except RegistryUnavailable as exc:
-                self.last_error = str(exc)
-                log.warning("model watch: the registry did not answer (%s); serving version %s", exc,
-                            self.current.version)
-                return self._result("unreachable")
-            except HeimdallError as exc:  # a checksum, a contract, an alias gone: the old version keeps serving
-                self.last_error = str(exc)
-                log.error("model watch: %s is refused: %s; version %s keeps serving", self.current.uri, exc,
-                          self.current.version)
-                return self._result("refused")
-            if new.source == "cache":  # the registry did not answer; what the alias last pointed at is served
-                self.last_error = "the registry did not answer"
-                return self._result("unreachable")
-            self.last_error = None
-            if _same(new, self.current):
-                return "unchanged"
+            primary, results = self._check_one(None, self.current.primary)
+            others: dict[str, ResolvedModel] = {}
+            for ref in self.refs:
+                model, result = self._check_one(ref, self.current.other(ref))
+                results.append(result)
+                if model is not None:
+                    others[ref] = model
+            new = ModelSet.of(primary, others)  # type: ignore[arg-type]
+            errors = [r for r in results if r != "unchanged"]
+            self.last_error = None if not errors else self.last_error
+            if same_models(new, self.current):
+                return next((r for r in ("refused", "unreachable", "absent") if r in errors), "unchanged")
             old, self.current = self.current, new
             write_state(self.state_path, new)
-            log.info("model watch: %s now points at version %s (was %s): the children swap between batches",
-                     new.uri, new.version, old.version)
+            log.info("model watch: %s now points at version %s (was %s)%s: the children swap between batches",
+                     new.primary.uri, new.primary.version, old.primary.version,
+                     "".join(f"; {ref} at {m.version}" for ref, m in new.others))
             return self._result("published")
+
+    def _check_one(self, ref: str | None, cur: ResolvedModel | None) -> tuple[ResolvedModel | None, list[str]]:
+        """(the model to serve for ``ref`` now, [what happened]); counts and logs all but "unchanged"."""
+        what = ref or (cur.uri if cur else "the served model")
+        try:
+            new = self._resolve(ref)
+        except RegistryUnavailable as exc:
+            self.last_error = str(exc)
+            self._say(ref, "unreachable", logging.WARNING, "model watch: the registry did not answer (%s); %s keeps "
+                      "serving version %s", exc, what, cur.version if cur else None)
+            return cur, [self._result("unreachable")]
+        except HeimdallError as exc:  # a checksum, a contract, an alias gone: the old version keeps serving
+            self.last_error = str(exc)
+            if ref is not None and cur is None:  # an experiment arm not in the registry (yet): its share is served
+                self._say(ref, f"absent: {exc}", logging.WARNING, "model watch: %s is not served here (%s); its "
+                          "requests go to the worker's own model", ref, exc)
+                return None, [self._result("absent")]
+            log.error("model watch: %s is refused: %s; version %s keeps serving", cur.uri if cur else ref, exc,
+                      cur.version if cur else None)
+            return cur, [self._result("refused")]
+        if new.source == "cache":  # the registry did not answer; what the alias last pointed at is served
+            self.last_error = "the registry did not answer"
+            return (cur or new), [self._result("unreachable")]
+        self._said.pop(ref, None)
+        return new, ["unchanged"]
+
+    def _say(self, ref: str | None, key: str, level: int, msg: str, *args: Any) -> None:
+        """Log once per change of what happens to ``ref`` (a missing alias is not an error every poll)."""
+        if self._said.get(ref) != key:
+            self._said[ref] = key
+            log.log(level, msg, *args)
 
     def _result(self, result: str) -> str:
         try:
@@ -134,11 +177,11 @@ class ModelWatcher:
         return result
 
 
-def swapped(ctx: Any, build: Callable[[Any, ResolvedModel], Any], install: Callable[[Any], Any]) -> Any:
+def swapped(ctx: Any, build: Callable[[Any, ModelSet], Any], install: Callable[[Any], Any]) -> Any:
     """In a child, where a pass begins: the context to serve it with (a new one after a published swap).
 
-    ``build(ctx, model)`` makes the new service (loading and warming the session); ``install(new)`` puts
-    the new context in place (closing what of the old one it does not share)."""
+    ``build(ctx, models)`` makes the new service (loading and warming the sessions of new versions);
+    ``install(new)`` puts the new context in place (closing what of the old one it does not share)."""
     path = ctx.model_state
     try:
         st = os.stat(path)
@@ -148,29 +191,31 @@ def swapped(ctx: Any, build: Callable[[Any, ResolvedModel], Any], install: Calla
     if seen == ctx.model_seen:
         return ctx
     try:
-        model = read_state(path)
+        models = read_state(path)
     except (OSError, ValueError, TypeError, KeyError):
         log.exception("model swap: unreadable state file %s", path)
         return ctx
-    if _same(model, ctx.model):
+    if same_models(models, ctx.models):
         new = ctx.with_(model_seen=seen)
         install(new)
         return new
+    was = getattr(getattr(ctx.models, "primary", None), "version", None)
     try:
-        service = build(ctx, model)
+        service = build(ctx, models)
     except getattr(ctx.service, "interrupts", ()):  # a soft time limit ends the pass; the swap is tried again
         raise
     except Exception as exc:
-        log.error("model swap: version %s does not load here (%s); version %s keeps serving", model.version, exc,
-                  getattr(ctx.model, "version", None))
+        log.error("model swap: version %s does not load here (%s); version %s keeps serving",
+                  models.primary.version, exc, was)
         if ctx.metrics is not None:
             ctx.metrics.swap_done("failed")
         new = ctx.with_(model_seen=seen)
         install(new)
         return new
-    new = ctx.with_(service=service, model=model, model_seen=seen)
+    new = ctx.with_(service=service, models=models, model_seen=seen)
     install(new)
-    log.info("model swap: now serving %s version %s", model.name or model.uri, model.version)
+    log.info("model swap: now serving %s version %s%s", models.primary.name or models.primary.uri,
+             models.primary.version, "".join(f"; {ref} at {m.version}" for ref, m in models.others))
     if ctx.metrics is not None:
         ctx.metrics.swap_done("swapped")
     return new

@@ -20,12 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..store.cache import FixCache
 from ..ops.metrics import ServiceMetrics
 from ..errors import HeimdallError, PayloadCode, PayloadError, StorageError, TransientError
 from ..core.payload import DecodedPayload, is_valid_id
-from ..core.localizer import Localizer, RawPayload
-from ..store import Store, fix_row, rejection_row
+from ..core.localizer import FeatureBatch, Localizer, RawPayload
+from ..store import Store, fix_row, rejection_row, shadow_row
+from .routing import Arm, Router
 
 __all__ = ["Service", "Counters", "Request", "summarize"]
 
@@ -55,39 +58,47 @@ class Counters:
 
 
 class Service:
-    """One worker process' pipeline around a warm :class:`Localizer`."""
+    """One worker process' pipeline around a warm :class:`Localizer` (and, with routes, the other models
+    its :class:`~.routing.Router` holds: A/B arms, the shadow, allow-listed versions)."""
 
     def __init__(self, localizer: Localizer, store: Store, cache: FixCache | None = None, *,
                  alias: str | None = None, metrics: ServiceMetrics | None = None,
-                 interrupts: tuple[type[BaseException], ...] = ()) -> None:
+                 interrupts: tuple[type[BaseException], ...] = (), router: Router | None = None) -> None:
+        if router is not None and router.primary.localizer is not localizer:
+            raise ValueError("the router's served model must be this service's localizer")
+        self.router = router or Router(Arm(localizer, alias=alias))
         self.localizer = localizer
         self.store = store
         self.cache = cache
-        self.alias = alias
+        self.alias = self.router.primary.alias
         self.metrics = metrics
         self.interrupts = interrupts
         self.counters = Counters()
 
     @property
     def serves(self) -> frozenset[str]:
-        """What ``options.model`` may ask for here: the served alias and version, bare or with the model's name
-        (``production``, ``3``, ``localization_model@production``, ``localization_model/3``, ``models:/…``)."""
-        name, version = self.localizer.name, self.localizer.version
-        out = {version, f"{name}/{version}", f"models:/{name}/{version}"}
-        if self.alias:
-            out |= {self.alias, f"{name}@{self.alias}", f"models:/{name}@{self.alias}"}
-        return frozenset(out)
+        """What ``options.model`` may ask for here: each served model's alias and version, bare or with the
+        model's name (``production``, ``3``, ``localization_model@production``, ``localization_model/3``, ``models:/…``)."""
+        return self.router.serves
 
     @property
     def model_version(self) -> str:
-        """The cache's model key: version and file hash, so a new model never serves a stale fix."""
-        return f"{self.localizer.version}-{self.localizer.session.sha256[:12]}"
+        """The cache's model key of the served model: version and file hash (a new model never serves a stale fix)."""
+        return self.router.primary.cache_key
 
     def model_info(self) -> dict[str, Any]:
-        """Name, version, hash, providers and card of the served model (never its path on the worker's disk)."""
+        """Name, version, hash, providers and card of the served model (never its path on the worker's disk), and
+        the other models the routes serve here."""
         info = {k: v for k, v in self.localizer.session.info().items() if k != "path"}
-        return {**info, "name": self.localizer.name, "version": self.localizer.version,
-                "file_version": self.localizer.spec.version, "alias": self.alias}
+        out = {**info, "name": self.localizer.name, "version": self.localizer.version,
+               "file_version": self.localizer.spec.version, "alias": self.alias}
+        r = self.router
+        if r.routes.active:
+            out["routes"] = {"split": [{"ref": ref, "share": share} for ref, share in r.routes.split],
+                             "shadow": r.routes.shadow, "allow": list(r.routes.allow),
+                             "loaded": [{"ref": a.ref, "alias": a.alias, "version": a.version,
+                                         "sha256": a.localizer.session.sha256} for a in r.arms[1:]]}
+        return out
 
     # -- single payloads ----------------------------------------------------------------------
     def predict(self, payload: RawPayload, *, task_id: str | None, sent_at_s: float | None = None) -> dict[str, Any]:
@@ -98,51 +109,55 @@ class Service:
         return out
 
     def predict_requests(self, requests: Sequence[Request]) -> list[dict[str, Any] | Exception]:
-        """Single-task requests in one pass: one feature pass, one session run, one transaction.
+        """Single-task requests in one pass: one feature pass, one session run per model, one transaction.
 
         Each slot gets what it would get alone: its fix, its PayloadError (recorded), its
         InferenceError (non-finite output), its StorageError (its row refused), its TransientError (an
         iq_ref store down: that task retries) or the exception of a server fault (logged). An
         unreachable database raises TransientError for all of them (the tasks retry; nothing was
-        acknowledged).
+        acknowledged). With a shadow model, its fixes are stored beside the served ones.
         """
         t0 = time.time()
         out: list[dict[str, Any] | Exception | None] = [None] * len(requests)
-        decoded: list[tuple[int, DecodedPayload]] = []
+        task_ids = [r.task_id for r in requests]
+        admitted: list[tuple[int, DecodedPayload, Arm]] = []
         for i, r in enumerate(requests):
             try:
-                decoded.append((i, self._decode_or_record(r.payload, r.task_id, digest=self.cache is not None)))
+                admitted.append((i, *self._admit(r.payload, r.task_id, digest=self.cache is not None)))
             except self.interrupts:
                 raise
             except Exception as exc:  # PayloadError (recorded), TransientError (an iq_ref store or the database
                 out[i] = self._own_failure(exc, r.task_id)  # down while recording), or a bug
         decode_ms = (time.time() - t0) * 1e3 / max(1, len(requests))
-        misses: list[tuple[int, DecodedPayload]] = []
-        for (i, d), hit in zip(decoded, self._cached([d for _, d in decoded], [requests[i].task_id for i, _ in decoded])):
+        bank = _FeatureBank(self.localizer)
+        misses: list[tuple[int, DecodedPayload, Arm]] = []
+        for (i, d, arm), hit in zip(admitted, self._cached([(d, arm, task_ids[i]) for i, d, arm in admitted])):
             if hit is None:
-                misses.append((i, d))
+                misses.append((i, d, arm))
             else:
                 hit["timings_ms"]["decode"] = round(decode_ms, 3)
                 out[i] = hit
         if misses:
-            for (i, _), fix in zip(misses, self._locate([d for _, d in misses], decode_ms * len(misses),
-                                                        [requests[i].task_id for i, _ in misses])):
+            for (i, _, _), fix in zip(misses, self._locate(misses, decode_ms * len(misses), task_ids, bank)):
                 out[i] = fix
         for r, f in zip(requests, out):
             if isinstance(f, dict):
                 f["batch_size"] = len(requests)  # handled in one pass with this many requests
                 if r.sent_at_s is not None:
                     f["timings_ms"]["queue"] = round(max(0.0, t0 - r.sent_at_s) * 1e3, 3)
-        slots = [i for i, f in enumerate(out) if isinstance(f, dict)]
-        if slots:
-            digests = {i: d.digest for i, d in decoded}
-            for i, failure in zip(slots, self._store([out[i] for i in slots],  # type: ignore[misc]
-                                                     [digests.get(i, "") for i in slots],
-                                                     [requests[i].payload for i in slots])):
+        served = [(i, d, arm) for i, d, arm in admitted if isinstance(out[i], dict)]
+        shadows, computed = self._shadows(served, task_ids, bank)
+        if served:
+            for (i, d, _), failure in zip(served, self._store([out[i] for i, _, _ in served],  # type: ignore[misc]
+                                                              [d.digest for _, d, _ in served],
+                                                              [requests[i].payload for i, _, _ in served],
+                                                              [shadows.get(i) for i, _, _ in served])):
                 if failure is not None:
                     out[i] = failure
-        if misses:  # only what was stored is cached: a refused fix is not served again from the cache
-            self._cache_put([(d, out[i]) for i, d in misses if isinstance(out[i], dict)])  # type: ignore[misc]
+        # only what was stored is cached: a refused fix is not served again from the cache
+        self._cache_put([(d, arm, out[i]) for i, d, arm in misses if isinstance(out[i], dict)])  # type: ignore[misc]
+        if computed and self.router.shadow is not None:
+            self._cache_put([(d, self.router.shadow, shadows[i]) for i, d in computed if isinstance(out[i], dict)])
         good = [f for f in out if isinstance(f, dict)]
         self.counters.fixes += len(good)
         self.counters.batches += 1
@@ -151,28 +166,84 @@ class Service:
             self.metrics.fixes_done(good)
         return out  # type: ignore[return-value]
 
-    def _locate(self, decoded: list[DecodedPayload], decode_ms: float,
-                task_ids: list[str | None]) -> list[dict[str, Any] | Exception]:
-        """The batch's fixes in one pass; if the pass fails as a whole, each payload again alone, so that
-        a payload that breaks the model fails by itself."""
+    def _locate(self, items: Sequence[tuple[int, DecodedPayload, Arm]], decode_ms: float,
+                task_ids: Sequence[str | None], bank: "_FeatureBank") -> list[dict[str, Any] | Exception]:
+        """The fixes of ``items`` (slot, payload, arm): one feature pass, one session run per arm; if an arm's
+        run fails as a whole, each of its payloads again alone, so that a payload that breaks the model fails
+        by itself. ``task_ids`` by slot."""
+        out: list[dict[str, Any] | Exception | None] = [None] * len(items)
+        groups: dict[int, list[int]] = {}
+        for k, (_, _, arm) in enumerate(items):
+            groups.setdefault(id(arm), []).append(k)
         try:
-            return list(self.localizer.fixes(decoded, decode_ms=decode_ms, task_ids=task_ids, alias=self.alias))
+            feats: FeatureBatch | None = bank.get([i for i, _, _ in items], [d for _, d, _ in items])
         except self.interrupts:
             raise
-        except Exception as exc:
-            if len(decoded) == 1:
-                return [self._own_failure(exc, task_ids[0])]
-            log.warning("locating a batch of %d failed (%r); locating each alone", len(decoded), exc)
-        out: list[dict[str, Any] | Exception] = []
-        for d, task_id in zip(decoded, task_ids):
+        except Exception as exc:  # the pass failed as a whole: each payload's features again alone, below
+            if len(items) == 1:
+                return [self._own_failure(exc, task_ids[items[0][0]])]
+            log.warning("the features of a batch of %d failed (%r); locating each alone", len(items), exc)
+            feats = None
+        per_ms = decode_ms / max(1, len(items))
+        for ks in groups.values():
+            arm = items[ks[0]][2]
             try:
-                out.append(self.localizer.fixes([d], decode_ms=decode_ms / len(decoded), task_ids=[task_id],
-                                                alias=self.alias)[0])
+                got = arm.localizer.fixes([items[k][1] for k in ks], decode_ms=per_ms * len(ks),
+                                          task_ids=[task_ids[items[k][0]] for k in ks], alias=arm.alias,
+                                          features=feats.take(ks) if feats is not None else None)
+                for k, f in zip(ks, got):
+                    out[k] = f
+                continue
             except self.interrupts:
                 raise
             except Exception as exc:
-                out.append(self._own_failure(exc, task_id))
-        return out
+                if len(ks) == 1 and feats is not None:
+                    out[ks[0]] = self._own_failure(exc, task_ids[items[ks[0]][0]])
+                    continue
+                if feats is not None:
+                    log.warning("locating a batch of %d failed (%r); locating each alone", len(ks), exc)
+            for k in ks:
+                i, d, _ = items[k]
+                try:
+                    out[k] = arm.localizer.fixes([d], decode_ms=per_ms, task_ids=[task_ids[i]], alias=arm.alias)[0]
+                except self.interrupts:
+                    raise
+                except Exception as exc:
+                    out[k] = self._own_failure(exc, task_ids[i])
+        return out  # type: ignore[return-value]
+
+    def _shadows(self, served: Sequence[tuple[int, DecodedPayload, Arm]], task_ids: Sequence[str | None],
+                 bank: "_FeatureBank") -> tuple[dict[int, dict[str, Any]], list[tuple[int, DecodedPayload]]]:
+        """The shadow model's fixes of the served requests another model answered (slot -> fix), from the cache
+        or computed on the features the pass has (one more session run), and which of them were computed. A
+        shadow failure is logged and counted, never the request's."""
+        shadow = self.router.shadow
+        jobs = [(i, d) for i, d, arm in served if shadow is not None and self.router.shadow_for(arm) is not None]
+        if not jobs or shadow is None:
+            return {}, []
+        out: dict[int, dict[str, Any]] = {}
+        hits = self._cached([(d, shadow, task_ids[i]) for i, d in jobs], count=False)
+        todo = [(i, d) for (i, d), hit in zip(jobs, hits) if hit is None]
+        out.update({i: hit for (i, _), hit in zip(jobs, hits) if hit is not None})
+        computed: list[tuple[int, DecodedPayload]] = []
+        if todo:
+            try:
+                got = shadow.localizer.fixes([d for _, d in todo], task_ids=[task_ids[i] for i, _ in todo],
+                                             alias=shadow.alias, features=bank.get([i for i, _ in todo],
+                                                                                   [d for _, d in todo]))
+            except self.interrupts:
+                raise
+            except Exception as exc:
+                log.error("the shadow model %s failed on a batch of %d: %r; the served fixes are unaffected",
+                          shadow.version, len(todo), exc)
+                got = [exc] * len(todo)
+            for (i, d), f in zip(todo, got):
+                if isinstance(f, dict):
+                    out[i] = f
+                    computed.append((i, d))
+                elif self.metrics is not None:
+                    self.metrics.shadow_failed()
+        return out, computed
 
     @staticmethod
     def _own_failure(exc: Exception, task_id: str | None) -> Exception:
@@ -181,17 +252,13 @@ class Service:
             log.error("request %s failed on a server fault", task_id, exc_info=exc)
         return exc
 
-    def _decode_or_record(self, payload: RawPayload, task_id: str | None, *, digest: bool = True,
-                          key: str | None = None) -> DecodedPayload:
-        """Decode; a PayloadError is recorded first (TransientError if the database is down: the task
-        retries, and records it once the database is back)."""
+    def _admit(self, payload: RawPayload, task_id: str | None, *, digest: bool = True,
+               key: str | None = None) -> tuple[DecodedPayload, Arm]:
+        """Decode and route; a PayloadError (invalid input, an ``options.model`` not served here) is recorded
+        first (TransientError if the database is down: the task retries, and records it once it is back)."""
         try:
             decoded = self.localizer.decode(payload, digest=digest)
-            wanted = decoded.options.model
-            if wanted is not None and wanted not in self.serves:
-                raise PayloadError(PayloadCode.UNKNOWN_MODEL, f"options.model {wanted[:64]!r} is not served here; this "
-                                   f"worker serves {sorted(self.serves)}", "options.model")
-            return decoded
+            return decoded, self.router.choose(decoded, task_id)
         except PayloadError as exc:
             self._reject(exc, payload, task_id, key)
             raise
@@ -220,47 +287,69 @@ class Service:
         if self.metrics is not None:
             self.metrics.rejections.labels(code=exc.code).inc()
 
-    def _cached(self, decoded: Sequence[DecodedPayload], task_ids: Sequence[str | None]) -> list[dict[str, Any] | None]:
-        """Cached fixes for the payloads that allow it (one round trip), None for the others."""
-        out: list[dict[str, Any] | None] = [None] * len(decoded)
-        asks = [k for k, d in enumerate(decoded) if d.options.cache]
-        if self.cache is None or not asks:
+    def _cached(self, asked: Sequence[tuple[DecodedPayload, Arm, str | None]], *,
+                count: bool = True) -> list[dict[str, Any] | None]:
+        """Cached fixes for the (payload, arm, task id) that allow it (one round trip per model), None for the
+        others. ``count``: the lookups are the served fixes' (a shadow's are not the hit rate operators watch)."""
+        out: list[dict[str, Any] | None] = [None] * len(asked)
+        if self.cache is None:
             return out
-        hits = self.cache.get_many(self.model_version, [decoded[k].digest for k in asks])
-        found = sum(h is not None for h in hits)
-        self.counters.cache_hits += found
-        self.counters.cache_misses += len(hits) - found
-        if self.metrics is not None:
-            self.metrics.cache_lookups(found, len(hits) - found)
-        for k, hit in zip(asks, hits):
-            if hit is None:
-                continue
-            d = decoded[k]
-            hit.update(task_id=task_ids[k], request_id=d.request_id, captured_at=d.captured_at, cached=True,
-                       timings_ms={"features": 0.0, "inference": 0.0})
-            hit["model"] = {"name": self.localizer.name, "version": self.localizer.version, "alias": self.alias}
-            out[k] = hit
+        groups: dict[int, list[int]] = {}
+        for k, (d, arm, _) in enumerate(asked):
+            if d.options.cache:
+                groups.setdefault(id(arm), []).append(k)
+        for ks in groups.values():
+            arm = asked[ks[0]][1]
+            hits = self.cache.get_many(arm.cache_key, [asked[k][0].digest for k in ks])
+            found = sum(h is not None for h in hits)
+            if count:
+                self.counters.cache_hits += found
+                self.counters.cache_misses += len(hits) - found
+                if self.metrics is not None:
+                    self.metrics.cache_lookups(found, len(hits) - found)
+            for k, hit in zip(ks, hits):
+                if hit is None:
+                    continue
+                d, _, task_id = asked[k]
+                hit.update(task_id=task_id, request_id=d.request_id, captured_at=d.captured_at, cached=True,
+                           timings_ms={"features": 0.0, "inference": 0.0})
+                hit["model"] = {"name": arm.name, "version": arm.version, "alias": arm.alias}
+                out[k] = hit
         return out
 
-    def _cache_put(self, computed: Sequence[tuple[DecodedPayload, dict[str, Any]]]) -> None:
-        if self.cache is not None:
-            self.cache.put_many(self.model_version, [(d.digest, fix) for d, fix in computed if d.options.cache])
+    def _cache_put(self, computed: Sequence[tuple[DecodedPayload, Arm, dict[str, Any]]]) -> None:
+        if self.cache is None:
+            return
+        groups: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+        arms: dict[int, Arm] = {}
+        for d, arm, fix in computed:
+            if d.options.cache:
+                groups.setdefault(id(arm), []).append((d.digest, fix))
+                arms[id(arm)] = arm
+        for key, items in groups.items():
+            self.cache.put_many(arms[key].cache_key, items)
 
-    def _store(self, fixes: list[dict[str, Any]], digests: Sequence[str],
-               payloads: Sequence[RawPayload]) -> list[HeimdallError | None]:
-        """Store the fixes in one transaction; each slot's failure: StorageError if the database refused
-        its row, PayloadError ``conflict`` (recorded) if its request id is stored with other IQ.
+    def _store(self, fixes: list[dict[str, Any]], digests: Sequence[str], payloads: Sequence[RawPayload],
+               shadows: Sequence[dict[str, Any] | None] = ()) -> list[HeimdallError | None]:
+        """Store the fixes in one transaction, with the shadow model's fix beside each that has one; each slot's
+        failure: StorageError if the database refused its row, PayloadError ``conflict`` (recorded) if its
+        request id is stored with other IQ (its shadow is not stored).
 
         A refused batch is written again row by row (idempotent), so one bad row fails alone. An
         unreachable database raises TransientError for all of them.
         """
         t0 = time.perf_counter()
         rows = [fix_row(f, d) for f, d in zip(fixes, digests)]
+        beside = [shadow_row(s, f) if s is not None else None for s, f in zip(shadows, fixes)] if any(shadows) else None
+
+        def write(k: slice) -> Any:  # the store's signature is the plain one when no shadow runs
+            return self.store.write_fixes(rows[k], beside[k]) if beside else self.store.write_fixes(rows[k])
+
         failures: list[HeimdallError | None] = [None] * len(rows)
         conflicts: set[int] = set()
         try:
             try:
-                done = self.store.write_fixes(rows)
+                done = write(slice(None))
                 new, conflicts = done.new, set(done.conflicts)
             except StorageError as exc:
                 if len(rows) == 1:
@@ -268,9 +357,9 @@ class Service:
                 else:
                     log.warning("the database refused a batch of %d fixes (%s); writing them one by one", len(rows), exc)
                     new = 0
-                    for k, row in enumerate(rows):
+                    for k in range(len(rows)):
                         try:
-                            one = self.store.write_fixes([row])
+                            one = write(slice(k, k + 1))
                             new += one.new
                             if one.conflicts:
                                 conflicts.add(k)
@@ -285,6 +374,10 @@ class Service:
         for failure, row in zip(failures, rows):
             if isinstance(failure, StorageError):
                 log.error("the database refused the fix of %s: %s", row["fix_key"], failure)
+        if beside and self.metrics is not None:
+            for fix, shadow, failure in zip(fixes, shadows, failures):
+                if shadow is not None and failure is None:
+                    self.metrics.shadow_stored(fix, shadow)
         stored = len(rows) - sum(f is not None for f in failures)
         self.counters.stored_new += new
         self.counters.stored_duplicate += stored - new
@@ -311,33 +404,32 @@ class Service:
         writes nothing twice.
         """
         t0 = time.perf_counter()
-        decoded: list[DecodedPayload] = []
-        keys: list[str | None] = []
-        where: list[int] = []  #: index in the chunk of each decoded payload
+        admitted: list[tuple[int, DecodedPayload, Arm]] = []  #: (index in the chunk, payload, arm)
+        keys: list[str | None] = [f"{task_id}:{offset + i}" if task_id else None for i in range(len(payloads))]
         errors: list[dict[str, Any]] = []
         for i, p in enumerate(payloads):
-            key = f"{task_id}:{offset + i}" if task_id else None
-            try:
-                decoded.append(self._decode_or_record(p, task_id, digest=False, key=key))  # chunks skip the cache
-                keys.append(key)
-                where.append(i)
+            try:  # chunks skip the cache
+                admitted.append((i, *self._admit(p, task_id, digest=False, key=keys[i])))
             except PayloadError as exc:
                 errors.append({"index": offset + i, **exc.to_dict()})
             except (TransientError, *self.interrupts):
                 raise  # an iq_ref store or the database down, a time limit: the chunk task retries (idempotent keys)
             except Exception as exc:  # a server fault on this payload: its own error entry
-                self._own_failure(exc, key)
+                self._own_failure(exc, keys[i])
                 errors.append(_internal_error(offset + i, exc))
         t1 = time.perf_counter()
-        outcomes = self._locate(decoded, (t1 - t0) * 1e3, keys)
+        bank = _FeatureBank(self.localizer)
+        outcomes = self._locate(admitted, (t1 - t0) * 1e3, keys, bank)
         t2 = time.perf_counter()
-        computed = [(i, o) for i, o in zip(where, outcomes) if isinstance(o, dict)]
-        failed: list[tuple[int, Exception]] = [(i, o) for i, o in zip(where, outcomes) if not isinstance(o, dict)]
-        digests = [d.digest for d, o in zip(decoded, outcomes) if isinstance(o, dict)]
-        failures = self._store([f for _, f in computed], digests, [payloads[i] for i, _ in computed]) \
-            if computed else []
-        failed += [(i, e) for (i, _), e in zip(computed, failures) if e is not None]
-        fixes = [f for (_, f), e in zip(computed, failures) if e is None]
+        served = [(i, d, arm) for (i, d, arm), o in zip(admitted, outcomes) if isinstance(o, dict)]
+        found = {i: o for (i, _, _), o in zip(admitted, outcomes)}
+        failed: list[tuple[int, Exception]] = [(i, o) for i, o in found.items() if not isinstance(o, dict)]
+        shadows, _ = self._shadows(served, keys, bank)
+        failures = self._store([found[i] for i, _, _ in served], [d.digest for _, d, _ in served],  # type: ignore[misc]
+                               [payloads[i] for i, _, _ in served], [shadows.get(i) for i, _, _ in served]) \
+            if served else []
+        failed += [(i, e) for (i, _, _), e in zip(served, failures) if e is not None]
+        fixes = [found[i] for (i, _, _), e in zip(served, failures) if e is None]
         for i, exc in failed:  # a conflict is the producer's; server faults of single payloads are not the neighbours'
             errors.append({"index": offset + i, **exc.to_dict()} if isinstance(exc, PayloadError)
                           else _internal_error(offset + i, exc))
@@ -373,3 +465,32 @@ def summarize(chunks: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"schema": "heimdall.batch/v1", "chunks": len(chunks), "payloads": sum(c["payloads"] for c in chunks),
             "fixes": sum(c["fixes"] for c in chunks), "errors": len(errors), "error_details": errors[:100],
             "timings_ms": timings}
+
+
+class _FeatureBank:
+    """A pass's features, computed at most once per payload: the served models and the shadow share them (every
+    model a router holds takes the same inputs). Keyed by the request's slot in the pass."""
+
+    def __init__(self, localizer: Localizer) -> None:
+        self.localizer = localizer
+        self._batch: FeatureBatch | None = None  #: the first pass, as computed
+        self._slots: dict[int, int] = {}  #: slot -> row of _batch
+        self._more: dict[int, tuple[Any, Any, float]] = {}  #: slot -> (features, mask, ms) computed later
+
+    def get(self, slots: Sequence[int], decoded: Sequence[DecodedPayload]) -> FeatureBatch:
+        """The features of ``decoded`` (at ``slots``), computing those not computed yet in one pass."""
+        if self._batch is None:
+            self._batch = self.localizer.features(decoded)
+            self._slots = {s: k for k, s in enumerate(slots)}
+            return self._batch
+        rows = [self._slots.get(s) for s in slots]
+        if all(r is not None for r in rows) and rows == list(range(len(self._batch.feats))):
+            return self._batch
+        missing = [(s, d) for s, d, r in zip(slots, decoded, rows) if r is None and s not in self._more]
+        if missing:
+            fb = self.localizer.features([d for _, d in missing])
+            for k, (s, _) in enumerate(missing):
+                self._more[s] = (fb.feats[k], fb.mask[k], fb.ms / len(missing))
+        parts = [(self._batch.feats[r], self._batch.mask[r], self._batch.ms / len(self._batch.feats))
+                 if r is not None else self._more[s] for s, r in zip(slots, rows)]
+        return FeatureBatch(np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts]), sum(p[2] for p in parts))

@@ -279,3 +279,95 @@ def test_the_swap_benchmark_flips_the_alias_twice_and_loses_nothing(mlflow, tmp_
     assert f"now points at version {b} (was {a})" in log and f"now points at version {a} (was {b})" in log
     assert r["p99_before_ms"] > 0 and r["p99_during_ms"] > 0
     report_line("bench --swap (4 s phases): " + format_swap_report(r).replace("\n", "; "))
+
+
+def test_ab_split_shadow_and_allow_list_through_a_real_worker(mlflow, capsys, tmp_path, scenes_and_payloads):
+    """production (the shipped model) and challenger (a copy whose fixes lie 2 km further east) in the registry; a
+    worker splits 80/20 by session_id, runs the challenger in shadow, and admits options.model=challenger. 2,000
+    tasks in 500 sessions of 4: the split lands within binomial tolerance and is exactly the sessions' hash draw,
+    every session is sticky, every fix production served has the challenger's fix stored beside it (2 km east), the
+    report command reads both; then the challenger alias moves and one reload swaps that arm alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from heimdall_inference.client import submit
+    from heimdall_inference.errors import PayloadError
+    from heimdall_inference.worker.routing import draw
+
+    from ..faults.accounting import assert_each_stored_once
+    from ..live import report_line
+    from ..models import shifted_model
+
+    prod = _registered(capsys, alias="production")
+    code, chal = _cli(capsys, "model", "register", str(shifted_model(tmp_path / "east2km.onnx")), "--alias",
+                      "challenger")
+    assert code == 0, chal
+    port = free_port()
+    with isolated_worker("ab", tmp_path / "w.log", concurrency=2, model_uri=URI, model_poll_s=0,
+                         model_split="production=80,challenger=20", model_shadow="challenger",
+                         model_allow="challenger", model_cache_dir=str(tmp_path / "models"),
+                         metrics_port=port) as (settings, store, worker):
+        docs = scenes_and_payloads[1]
+        sent = [{**copy.deepcopy(docs[i % len(docs)]), "request_id": f"ab-{i}", "session_id": f"session-{i // 4}"}
+                for i in range(2000)]
+        with ThreadPoolExecutor(max_workers=32) as pool:
+            fixes = list(pool.map(lambda d: submit(d).get(timeout=120), sent))
+        assert_each_stored_once(store, [d["request_id"] for d in sent])
+        arm = {}
+        for d, f in zip(sent, fixes):
+            assert arm.setdefault(d["session_id"], f["model"]["alias"]) == f["model"]["alias"]  # sticky
+            assert f["model"]["version"] == {"production": prod["version"], "challenger": chal["version"]}[
+                f["model"]["alias"]]
+        challenged = {s for s, a in arm.items() if a == "challenger"}
+        assert abs(len(challenged) - 100) <= 4 * (500 * 0.2 * 0.8) ** 0.5, len(challenged)  # binomial, 4 sigma
+        assert challenged == {s for s in arm if draw(s) >= 0.8}  # the stable hash, on every worker child
+
+        with psycopg.connect(PG_URL) as conn:
+            shadows = dict(conn.execute(f'SELECT fix_key, model_version FROM "{settings.db_schema}".shadow_fixes')
+                           .fetchall())
+        served_by_prod = {d["request_id"] for d, f in zip(sent, fixes) if f["model"]["alias"] == "production"}
+        assert set(shadows) == served_by_prod and set(shadows.values()) == {chal["version"]}
+
+        asked = submit({**copy.deepcopy(docs[0]), "request_id": "ab-asked", "session_id": next(
+            s for s in arm if s not in challenged), "options": {"model": "challenger"}}).get(timeout=60)
+        assert asked["model"]["alias"] == "challenger"
+        with pytest.raises(PayloadError) as err:
+            submit({**copy.deepcopy(docs[0]), "request_id": "ab-pinned", "options": {"model": prod["version"] + "9"}}
+                   ).get(timeout=60)
+        assert err.value.code == "unknown_model"
+
+        code, report = _cli(capsys, "model", "compare", "--since-hours", "0")
+        assert code == 0, report
+        shares = {a["alias"]: a["share"] for a in report["arms"]}
+        assert abs(shares["challenger"] - len(challenged) / 500) < 0.01
+        (cmp,) = report["shadow"]
+        assert cmp["served"]["version"] == prod["version"] and cmp["shadow"]["version"] == chal["version"]
+        assert cmp["fixes"] == len(served_by_prod) and cmp["distance_m"]["median"] == pytest.approx(2000.0, abs=1.0)
+        assert cmp["shadow_inside_served_95"] > 0.95
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        shadowed = sum(float(v) for labels, v in re.findall(r"^heimdall_fixes_total\{([^}]*)\} (\S+)$", metrics, re.M)
+                       if 'role="shadow"' in labels and f'model_version="{chal["version"]}"' in labels)
+        assert shadowed == len(served_by_prod)
+
+        # the challenger alias moves (4 km east now): one reload, and that arm alone swaps
+        code, third = _cli(capsys, "model", "register", str(shifted_model(tmp_path / "east4km.onnx", east_m=4000.0,
+                                                                          version="3")), "--alias", "challenger")
+        assert code == 0, third
+        code, replies = _cli(capsys, "model", "reload")
+        assert code == 0 and all(r["ok"] for r in replies.values()), replies
+        deadline = time.monotonic() + 60
+        s = sorted(challenged)[0]
+        while time.monotonic() < deadline:
+            f = submit({**copy.deepcopy(docs[1]), "request_id": f"ab-after-{time.monotonic()}", "session_id": s}
+                       ).get(timeout=60)
+            if f["model"]["version"] == third["version"]:
+                break
+            time.sleep(0.2)
+        assert f["model"] == {"name": "localization_model", "version": third["version"], "alias": "challenger"}
+        p = submit({**copy.deepcopy(docs[1]), "request_id": "ab-after-prod", "session_id": next(
+            x for x in arm if x not in challenged)}).get(timeout=60)
+        assert p["model"]["version"] == prod["version"]  # production did not move
+        log = worker.log_path.read_text()
+        assert f"challenger at {third['version']}" in log
+    report_line(f"A/B 80/20 over 2,000 tasks in 500 sessions: {len(challenged)} sessions on the challenger; "
+                f"{len(served_by_prod)} shadow rows, median {cmp['distance_m']['median']} m from the served fix")

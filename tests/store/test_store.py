@@ -242,3 +242,61 @@ def test_memory_store_and_urls(fixes):
         PostgresStore(PG_URL, schema="bad;name")
     with pytest.raises(ValueError):
         fix_row({**fixes[0], "request_id": None, "task_id": None})
+
+
+def _shadow_exercise(store, fixes, **init) -> None:
+    """Shadow rows beside fixes: in the same write, once, never beside a conflicting row; pairs and arm counts."""
+    from heimdall_inference.ops.experiments import experiment_report
+    from heimdall_inference.store import shadow_row
+
+    store.init_schema(**init)
+    served = [{**copy.deepcopy(f), "model": {"name": "localization_model", "version": "1", "alias": "production"}}
+              for f in fixes]
+    shadows = []
+    for f in served:
+        s = copy.deepcopy(f)
+        s["model"] = {"name": "localization_model", "version": "2", "alias": "challenger"}
+        s["position"] = {**s["position"], "east_m": s["position"]["east_m"] + 3000.0}
+        shadows.append(shadow_row(s, f))
+    rows = [fix_row(f, f"digest-{i}") for i, f in enumerate(served)]
+    assert store.write_fixes(rows[:3], shadows[:3]) == FixWrites(3)
+    assert store.write_fixes(rows[:3], shadows[:3]) == FixWrites(0)  # redelivered: nothing twice
+    conflicting = fix_row(served[0], "another-digest")
+    assert store.write_fixes([conflicting, rows[3]], [shadows[0], shadows[3]]).conflicts == frozenset({0})
+    pairs = store.shadow_pairs()
+    assert len(pairs) == 4 and {p["shadow_model_version"] for p in pairs} == {"2"}
+    assert all(p["shadow_east_m"] - p["served_east_m"] == pytest.approx(3000.0, abs=0.11) for p in pairs)
+    report = experiment_report(store, since_hours=None)
+    assert report["arms"] == [{"model_version": "1", "alias": "production", "fixes": 4, "share": 1.0}]
+    (cmp,) = report["shadow"]
+    assert cmp["fixes"] == 4 and cmp["distance_m"]["median"] == pytest.approx(3000.0, abs=0.2)
+    assert cmp["shadow_inside_served_95"] == 1.0 == cmp["served_inside_shadow_95"]  # ellipses of tens of km
+    assert (cmp["served"], cmp["shadow"]) == ({"version": "1", "aliases": ["production"]},
+                                             {"version": "2", "aliases": ["challenger"]})
+    assert experiment_report(store, since_hours=1.0)["shadow"] == []  # captured days ago: outside the window
+
+
+def test_shadow_rows_on_every_store(fixes, tmp_path):
+    from heimdall_inference.store.sqlite import SqliteStore
+
+    _shadow_exercise(MemoryStore(), fixes)
+    sqlite = SqliteStore(tmp_path / "s.sqlite3")
+    try:
+        _shadow_exercise(sqlite, fixes)
+    finally:
+        sqlite.close()
+    for mode in ("auto", "off"):
+        store = _pg("shadow")
+        try:
+            _shadow_exercise(store, fixes, timescaledb=mode)
+            hyper = store._run(lambda c: c.execute(
+                "SELECT to_regclass('timescaledb_information.hypertables') IS NOT NULL").fetchone()[0]) and \
+                store._run(lambda c: c.execute(
+                    "SELECT count(*) FROM timescaledb_information.hypertables WHERE hypertable_schema = %s AND "
+                    "hypertable_name = 'shadow_fixes'", (store.schema,)).fetchone()[0])
+            ts = store._run(lambda c: c.execute("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")
+                            .fetchone()[0])
+            assert bool(hyper) is (mode == "auto" and bool(ts))  # a hypertable beside predictions where it is one
+        finally:
+            store.drop_schema()
+            store.close()

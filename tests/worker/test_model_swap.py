@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from heimdall_inference.errors import RegistryError, RegistryUnavailable
-from heimdall_inference.registry.resolve import ResolvedModel
+from heimdall_inference.registry.resolve import ModelSet, ResolvedModel
 from heimdall_inference.settings import Settings
 from heimdall_inference.worker.context import ProcessContext
 from heimdall_inference.worker.model_swap import ModelWatcher, read_state, swapped, write_state
@@ -22,19 +22,19 @@ def test_the_watch_publishes_new_versions_and_refuses_broken_ones(tmp_path):
                {**_model("1").__dict__, "source": "cache"}]
     counted = []
 
-    def resolve():
+    def resolve(ref=None):
         a = answers.pop(0)
         if isinstance(a, Exception):
             raise a
         return ResolvedModel(**a) if isinstance(a, dict) else a
 
     state = tmp_path / "model.json"
-    w = ModelWatcher(_model("1"), state, resolve, interval_s=0, count=counted.append)
-    assert read_state(state) == _model("1")
+    w = ModelWatcher(ModelSet(_model("1")), state, resolve, interval_s=0, count=counted.append)
+    assert read_state(state) == ModelSet(_model("1"))
     # the last answer: the registry down, the cached version served by resolve_model's fallback
     assert [w.check() for _ in range(5)] == ["unchanged", "unreachable", "refused", "published", "unreachable"]
     assert counted == ["unreachable", "refused", "published", "unreachable"]
-    assert read_state(state) == _model("2") and w.current == _model("2")
+    assert read_state(state) == ModelSet(_model("2")) == w.current
 
 
 def test_the_watch_thread_outlives_a_failing_check(tmp_path):
@@ -42,19 +42,19 @@ def test_the_watch_thread_outlives_a_failing_check(tmp_path):
 
     calls = []
 
-    def resolve():
+    def resolve(ref=None):
         calls.append(1)
         if len(calls) == 1:
             raise KeyError("a bug")  # not a HeimdallError: check() raises it, the thread must go on
         return _model("2")
 
     (tmp_path / "s").mkdir()
-    w = ModelWatcher(_model("1"), tmp_path / "s" / "model.json", resolve, interval_s=0.05).start()
+    w = ModelWatcher(ModelSet(_model("1")), tmp_path / "s" / "model.json", resolve, interval_s=0.05).start()
     deadline = time.monotonic() + 10
-    while w.current.version != "2" and time.monotonic() < deadline:
+    while w.current.primary.version != "2" and time.monotonic() < deadline:
         time.sleep(0.05)
     w.stop()
-    assert w.current.version == "2" and len(calls) >= 2 and not (tmp_path / "s").exists()
+    assert w.current.primary.version == "2" and len(calls) >= 2 and not (tmp_path / "s").exists()
 
 
 class FakeService:
@@ -64,22 +64,22 @@ class FakeService:
 
 def test_a_child_swaps_when_the_state_file_changes_and_keeps_the_old_model_when_the_new_one_fails(tmp_path):
     state = tmp_path / "model.json"
-    write_state(state, _model("1"))
+    write_state(state, ModelSet(_model("1")))
     st = os.stat(state)
-    ctx = ProcessContext(settings=Settings(), service=FakeService("1"), model=_model("1"), model_state=state,
-                         model_seen=(st.st_ino, st.st_mtime_ns))
+    ctx = ProcessContext(settings=Settings(), service=FakeService("1"), models=ModelSet(_model("1")),
+                         model_state=state, model_seen=(st.st_ino, st.st_mtime_ns))
     installed = []
-    build = lambda c, m: FakeService(m.version)  # noqa: E731
+    build = lambda c, m: FakeService(m.primary.version)  # noqa: E731
     assert swapped(ctx, build, installed.append) is ctx and installed == []  # nothing published: one stat
-    write_state(state, _model("2"))
+    write_state(state, ModelSet(_model("2")))
     new = swapped(ctx, build, installed.append)
-    assert new.service.version == "2" and new.model == _model("2") and installed == [new]
+    assert new.service.version == "2" and new.models == ModelSet(_model("2")) and installed == [new]
     assert swapped(new, build, installed.append) is new  # acted on once
 
     def broken(c, m):
         raise RegistryError("does not load")
 
-    write_state(state, _model("3"))
+    write_state(state, ModelSet(_model("3")))
     kept = swapped(new, broken, installed.append)
-    assert kept.service.version == "2" and kept.model == _model("2")
+    assert kept.service.version == "2" and kept.models == ModelSet(_model("2"))
     assert swapped(kept, broken, installed.append) is kept  # not retried on every pass

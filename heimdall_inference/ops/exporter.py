@@ -1,9 +1,11 @@
-"""One HTTP endpoint per worker: ``/metrics`` (every child's values, summed) and ``/healthz``.
+"""One HTTP endpoint per worker: ``/metrics`` (every child's values, summed), ``/healthz`` and ``/readyz``.
 
 ``/metrics`` is prometheus-client's own WSGI app over a ``MultiProcessCollector`` (content
-negotiation, compression and ``name[]`` filtering included); ``/healthz`` answers 200
-``{"status": "ok", ...}`` while the health check says ok, else 503. Served by the standard library's
-WSGI server (one thread per request) in a daemon thread of the worker's main process.
+negotiation, compression and ``name[]`` filtering included) and the main process' own collectors
+(:mod:`.collectors`: queues, in-flight tasks); ``/healthz`` answers 200 ``{"status": "ok", ...}`` while
+the liveness check says ok, ``/readyz`` 200 ``{"status": "ready", ...}`` while the readiness check
+does (:mod:`.health`), else 503. Served by the standard library's WSGI server (one thread per request)
+in a daemon thread of the worker's main process.
 """
 
 from __future__ import annotations
@@ -38,13 +40,17 @@ class MetricsExporter:
     """``/metrics`` and ``/healthz`` over HTTP, in a daemon thread; ``start()`` then ``stop()``."""
 
     def __init__(self, port: int, *, addr: str = "0.0.0.0", health: Health | None = None,
-                 multiprocess_dir: Path | None = None, remove_dir_on_stop: bool = False) -> None:
+                 ready: Health | None = None, multiprocess_dir: Path | None = None, remove_dir_on_stop: bool = False,
+                 collectors: Iterable[Any] = ()) -> None:
         from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 
         self.registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(self.registry, path=str(multiprocess_dir) if multiprocess_dir else None)
+        for c in collectors:
+            self.registry.register(c)
         self._metrics_app = make_wsgi_app(self.registry)
         self.health = health or (lambda: {"status": "ok"})
+        self.ready = ready or self.health
         self.server = make_server(addr, port, self._app, server_class=_ThreadingWSGIServer,
                                   handler_class=_QuietHandler)
         self.port: int = self.server.server_port
@@ -61,16 +67,17 @@ class MetricsExporter:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
             return self._metrics_app(environ, start_response)
-        if path == "/healthz":
+        if path in ("/healthz", "/readyz"):
+            check, good = (self.health, "ok") if path == "/healthz" else (self.ready, "ready")
             try:
-                state = self.health()
+                state = check()
             except Exception as exc:  # the check itself failing is unhealthy, not a crash
                 state = {"status": "error", "error": repr(exc)}
-            ok = state.get("status") == "ok"
+            ok = state.get("status") in (good, "ok")
             start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")])
             return [json.dumps(state).encode()]
         start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"see /metrics and /healthz\n"]
+        return [b"see /metrics, /healthz and /readyz\n"]
 
     def stop(self) -> None:
         self.server.shutdown()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from .base import FixWrites, MemoryStore, Store, fix_row, rejection_row, shadow_row
 
-__all__ = ["Store", "MemoryStore", "FixWrites", "fix_row", "shadow_row", "rejection_row", "open_store"]
+__all__ = ["Store", "MemoryStore", "FixWrites", "fix_row", "shadow_row", "rejection_row", "open_store",
+           "probe_database"]
 
 
 def open_store(database_url: str, *, schema: str = "public", pool_max: int = 4,
@@ -29,3 +30,31 @@ def open_store(database_url: str, *, schema: str = "public", pool_max: int = 4,
     if database_url.startswith("memory://"):
         return MemoryStore()
     raise ValueError(f"unsupported database URL scheme: {database_url.split(':', 1)[0]!r}")
+
+
+def probe_database(database_url: str, *, timeout_s: float = 2.0) -> str | None:
+    """Does the database answer (a fresh connection and ``SELECT 1`` within ``timeout_s``)? None, else why not."""
+    if database_url.startswith(("postgresql://", "postgres://")):
+        import psycopg
+
+        try:
+            with psycopg.connect(database_url, connect_timeout=max(1, int(timeout_s)),
+                                 options=f"-c statement_timeout={int(timeout_s * 1000)}") as conn:
+                conn.execute("SELECT 1")
+            return None
+        except psycopg.Error as exc:
+            return f"PostgreSQL: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+    if database_url.startswith("sqlite:///"):
+        import sqlite3
+        from pathlib import Path
+
+        path = Path(database_url.removeprefix("sqlite:///"))
+        if not path.exists():
+            return f"SQLite: {path} does not exist (heimdall-inference db init)"
+        try:
+            with sqlite3.connect(path, timeout=timeout_s) as conn:
+                conn.execute("SELECT 1")
+            return None
+        except sqlite3.Error as exc:
+            return f"SQLite: {exc}"
+    return None  # memory://: always there

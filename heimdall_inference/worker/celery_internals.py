@@ -51,7 +51,7 @@ from .guard import usable_task_id
 
 __all__ = ["TESTED_VERSIONS", "installed_versions", "check_versions", "VersionGuard", "BatchQueuePrefetch",
            "default_strategy", "is_prefork_pool", "trace_args", "tracer", "apply_to_pool", "ConsumerView",
-           "BatchRequests", "is_revoked", "is_reserved", "shutdown_started", "run_alone", "run_alone_then", "guarded",
+           "BatchRequests", "is_revoked", "is_reserved", "in_flight", "shutdown_started", "run_alone", "run_alone_then", "guarded",
            "TolerantResultConsumer", "RedisBackendWithWriteHook", "close_result_backend", "is_result_consumer_failure",
            "AtomicFilesystemChannel",
            "reset_producer_state"]
@@ -230,6 +230,14 @@ def is_reserved(request: Any) -> bool:
     from celery.worker.state import reserved_requests
 
     return request in reserved_requests
+
+
+def in_flight() -> int:
+    """Task messages this worker holds now: reserved by the consumer (prefetched, waiting in the micro-batcher or
+    running, until acknowledged)."""
+    from celery.worker.state import reserved_requests
+
+    return len(reserved_requests)
 
 
 def shutdown_started() -> bool:

@@ -39,7 +39,7 @@ from .routing import Arm, Router
 from .service import Service
 
 __all__ = ["ProcessContext", "build_service", "build_child_context", "rebuild_service", "current", "parent",
-           "current_service", "install",
+           "current_service", "install", "served_models",
            "metrics_enabled"]
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class ProcessContext:
     model_state: Path | None = None  #: the file the main process publishes model swaps in (children watch it)
     model_seen: tuple[int, int] | None = None  #: children: the state file's (inode, mtime) last acted on
     watcher: Any = None  #: main process: the ModelWatcher thread
+    run_dir: Path | None = None  #: where children say which models they serve (/readyz reads it); the main process' own
     pid: int = field(default_factory=os.getpid)  #: the process that built it (and may close it)
 
     def with_(self, **changes: Any) -> "ProcessContext":
@@ -135,6 +136,15 @@ def _arms(settings: Settings, models: ModelSet | None, fetch: Any, reuse: Router
         others[ref] = a  # one session per file: a ref on the served version (or on another ref's) shares it
     primary_ref = ref_of(parse_model_uri(models.primary.uri)) if models and models.primary.uri else None
     return Router(primary, others, settings.routes(), primary_ref=primary_ref)
+
+
+def served_models(service: Service | None) -> dict[str, Any]:
+    """What a child serves, as its readiness marker says: the served version and alias, and each other ref's."""
+    if service is None:
+        return {}
+    r = service.router
+    return {"version": r.primary.version, "alias": r.primary.alias,
+            **({"others": {a.ref: a.version for a in r.arms[1:] if a.ref}} if r.routes.active else {})}
 
 
 def _identity(loc: Localizer) -> tuple[Any, ...]:

@@ -30,6 +30,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
+from dataclasses import replace
 from typing import Any
 
 from pathlib import Path
@@ -42,15 +45,17 @@ from celery.signals import (celeryd_after_setup, worker_init, worker_process_ini
 from ..errors import ConfigError, HeimdallError, ModelLoadError
 from ..ops.endpoints import check_endpoints
 from ..ops.exporter import MetricsExporter
-from ..ops.health import worker_health
+from ..ops.collectors import BrokerCollector, QueueProbe, WorkerCollector
+from ..ops.health import CachedCheck, clear_child_ready, mark_child_ready, worker_health, worker_readiness
+from ..store import probe_database
 from ..ops.memory import pin_mmap_threshold
 from ..ops.metrics import count_model_watch, count_registry_fallback, prepare_multiprocess_dir
 from ..registry.resolve import ModelSet, ResolvedModel, default_cache_dir, ref_uri, resolve_model
 from ..registry.routes import ref_of
 from ..registry.uri import parse_model_uri
 from ..settings import process_settings
-from .celery_internals import check_versions
-from .context import ProcessContext, build_child_context, current, install, parent
+from .celery_internals import check_versions, in_flight
+from .context import ProcessContext, build_child_context, current, install, parent, served_models
 from .model_swap import RELOAD_COMMAND, ModelWatcher
 from .topology import dead_queue, is_amqp, work_queues
 
@@ -155,16 +160,30 @@ class ModelGuard(bootsteps.Step):
         super().__init__(parent, **kwargs)
 
 
-def _start_exporter(worker: Any, port: int) -> MetricsExporter | None:
-    """The multiprocess folder (before the pool forks: children inherit the variable) and the exporter."""
+def _start_exporter(worker: Any, settings: Any, run_dir: Path) -> MetricsExporter | None:
+    """The multiprocess folder (before the pool forks: children inherit the variable) and the exporter, with the
+    main process' own collectors (queues from the broker, in-flight tasks) and its probes."""
     try:
         own_folder = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         folder = prepare_multiprocess_dir()
-        return MetricsExporter(port, health=lambda: worker_health(worker), multiprocess_dir=folder,
-                               remove_dir_on_stop=own_folder).start()
+        queues = [q.name for q in work_queues(settings)] + [dead_queue().name]
+        probe = QueueProbe(lambda: _probe_connection(worker.app), queues) if is_amqp(settings.broker_url) else None
+        collectors: list[Any] = [WorkerCollector(lambda: worker_health(worker)["children"], in_flight)]
+        if probe is not None:
+            collectors.append(BrokerCollector(probe))
+        database = CachedCheck(lambda: probe_database(settings.database_url))
+        return MetricsExporter(settings.metrics_port, health=lambda: worker_health(worker),
+                               ready=lambda: worker_readiness(worker, run_dir, database), multiprocess_dir=folder,
+                               remove_dir_on_stop=own_folder, collectors=collectors).start()
     except Exception:  # no metrics is bad; no worker would be worse
-        log.exception("could not start the metrics exporter on port %d", port)
+        log.exception("could not start the metrics exporter on port %d", settings.metrics_port)
         return None
+
+
+def _probe_connection(app: Any, timeout_s: float = 2.0) -> Any:
+    """A broker connection of the exporter's own, whose every socket operation gives up after ``timeout_s``."""
+    options = {**(app.conf.broker_transport_options or {}), "read_timeout": timeout_s, "write_timeout": timeout_s}
+    return app.connection_for_read(connect_timeout=timeout_s, transport_options=options)
 
 
 @worker_init.connect
@@ -180,9 +199,10 @@ def _init_main(sender: Any = None, **_: Any) -> None:
     pin_mmap_threshold()
     _declare_dead_letter_queue(sender)
     _declare_work_queues(sender, settings)
-    exporter = _start_exporter(sender, settings.metrics_port) if settings.metrics_port > 0 else None
+    run_dir = Path(tempfile.mkdtemp(prefix="heimdall-run-")) if settings.metrics_port > 0 else None
+    exporter = _start_exporter(sender, settings, run_dir) if run_dir is not None else None
     models, error = _resolve_models(settings, exported=exporter is not None)
-    ctx = ProcessContext(settings=settings, exporter=exporter, models=models, model_error=error)
+    ctx = ProcessContext(settings=settings, exporter=exporter, models=models, model_error=error, run_dir=run_dir)
     install(ctx)
     if models is not None and (models.primary.alias or settings.routes().active):
         _start_watch(ctx, exported=exporter is not None)
@@ -190,8 +210,6 @@ def _init_main(sender: Any = None, **_: Any) -> None:
 
 def _start_watch(ctx: ProcessContext, *, exported: bool) -> None:
     """Watch the served aliases (HEIMDALL_MODEL_POLL_S, and the reload broadcast); children follow the state file."""
-    import tempfile
-
     state = Path(tempfile.mkdtemp(prefix="heimdall-model-")) / "model.json"
     refused: set[tuple[str, str]] = set()
     primary = ctx.models.primary
@@ -225,7 +243,9 @@ def _say_endpoints(**_: Any) -> None:
 
 @worker_shutdown.connect
 def _close_main(**_: Any) -> None:
-    install(None)
+    old = install(None)
+    if old is not None and old.run_dir is not None and old.pid == os.getpid():
+        shutil.rmtree(old.run_dir, ignore_errors=True)
 
 
 @worker_process_init.connect
@@ -243,10 +263,14 @@ def _init_child(**_: Any) -> None:
     except Exception:  # leave it lazy: the first task reports the real error
         log.exception("could not build the service in this process")
         return
+    run_dir = base.run_dir if base else (up.run_dir if up else None)
     install(base.with_(service=built.service, metrics=built.metrics, models=built.models,
-                       model_seen=built.model_seen) if base else built)
+                       model_seen=built.model_seen) if base else replace(built, run_dir=run_dir))
+    mark_child_ready(run_dir, served_models(built.service))
 
 
 @worker_process_shutdown.connect
 def _close_child(**_: Any) -> None:
-    install(None)
+    old = install(None)
+    if old is not None and old.service is not None:
+        clear_child_ready(old.run_dir)

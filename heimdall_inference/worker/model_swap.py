@@ -214,6 +214,11 @@ def swapped(ctx: Any, build: Callable[[Any, ModelSet], Any], install: Callable[[
         return new
     new = ctx.with_(service=service, models=models, model_seen=seen)
     install(new)
+    if getattr(ctx, "run_dir", None) is not None:
+        from ..ops.health import mark_child_ready
+        from .context import served_models
+
+        mark_child_ready(ctx.run_dir, served_models(service))
     log.info("model swap: now serving %s version %s%s", models.primary.name or models.primary.uri,
              models.primary.version, "".join(f"; {ref} at {m.version}" for ref, m in models.others))
     if ctx.metrics is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 
@@ -73,7 +74,7 @@ def test_a_worker_exports_its_childrens_metrics_and_health(tmp_path, scenes_and_
     from ..live import isolated_worker
 
     port = _free_port()
-    with isolated_worker("metrics", tmp_path / "w.log", concurrency=2, metrics_port=port) as (_, store, _worker):
+    with isolated_worker("metrics", tmp_path / "w.log", concurrency=2, metrics_port=port) as (settings, store, _worker):
         docs = [copy.deepcopy(d) for d in scenes_and_payloads[1][:6]]
         repeat = {**copy.deepcopy(docs[0]), "request_id": "again"}  # same IQ: a cache hit
         bad = {**copy.deepcopy(docs[1]), "receivers": docs[1]["receivers"][:2], "request_id": "bad"}
@@ -95,7 +96,48 @@ def test_a_worker_exports_its_childrens_metrics_and_health(tmp_path, scenes_and_
         code, body = _get(f"http://127.0.0.1:{port}/healthz")
         health = json.loads(body)
         assert code == 200 and health["status"] == "ok" and health["children"] == 2 and health["broker_connected"]
+        code, body = _get(f"http://127.0.0.1:{port}/readyz")
+        ready = json.loads(body)
+        assert code == 200 and ready["status"] == "ready" and ready["children_without_model"] == 0, ready
+        assert ready["models"] == [{"version": "1", "alias": None}] and ready["database"] == "ok"
         assert store.count_fixes() == 7
+        # the main process' own figures: the broker's queues (the dead-letter queue holds what we put there)
+        assert m[("heimdall_broker_up", ())] == 1 and m[("heimdall_worker_children", ())] == 2
+        assert m[("celery_active_consumer_count", (("queue_name", "heimdall.predict"),))] == 1
+        assert m[("celery_active_consumer_count", (("queue_name", "heimdall.dead"),))] == 0
+        assert ("heimdall_tasks_in_flight", ()) in m
+        from kombu import Connection, Producer
+
+        from heimdall_inference.worker.topology import DEAD_LETTER_EXCHANGE
+
+        with Connection(settings.broker_url) as conn:
+            for i in range(3):
+                Producer(conn.default_channel).publish({"dead": i}, exchange=DEAD_LETTER_EXCHANGE, routing_key="x")
+        deadline = time.monotonic() + 30  # RabbitMQ refreshes a quorum queue's count every few seconds
+        while time.monotonic() < deadline:
+            m = _samples(_get(f"http://127.0.0.1:{port}/metrics")[1])
+            if m[("celery_queue_length", (("queue_name", "heimdall.dead"),))] == 3:
+                break
+            time.sleep(1)
+        assert m[("celery_queue_length", (("queue_name", "heimdall.dead"),))] == 3
+        assert m[("celery_queue_length", (("queue_name", "heimdall.predict"),))] == 0
+
+
+@pytest.mark.integration
+def test_a_worker_whose_database_does_not_answer_is_alive_but_not_ready(tmp_path):
+    """Liveness ignores the database (restarting workers cures no outage); readiness says why it is not ready."""
+    from ..live import PG_URL, isolated_worker
+
+    port = _free_port()
+    down = f"postgresql://postgres@127.0.0.1:{_free_port()}/postgres"
+    with isolated_worker("unready", tmp_path / "w.log", concurrency=1, metrics_port=port, store_url=PG_URL,
+                         database_url=down) as (_, _store, _worker):
+        code, body = _get(f"http://127.0.0.1:{port}/readyz")
+        ready = json.loads(body)
+        assert code == 503 and ready["status"] == "unready" and ready["database"].startswith("PostgreSQL:"), ready
+        assert ready["children_without_model"] == 0 and ready["broker_connected"]
+        code, body = _get(f"http://127.0.0.1:{port}/healthz")
+        assert code == 200 and json.loads(body)["status"] == "ok"
 
 
 @pytest.mark.integration

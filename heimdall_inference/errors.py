@@ -8,7 +8,8 @@
     │   ├── ModelLoadError      the ONNX file or its metadata cannot be used
     │   ├── InferenceError      onnxruntime failed while running the session
     │   └── RegistryError       the model registry refused a request, or a version is not acceptable
-    │       └── RegistryUnavailable  the registry (or its artifact store) did not answer
+    │       ├── RegistryUnavailable  the registry (or its artifact store) did not answer
+    │       └── RegistryNotFound     no such registered model, alias or version
     ├── StorageError            a store refused a write or read for good
     ├── TransientError          marker: a retry may succeed (broker, database, cache blips)
     │   ├── BrokerUnavailable   a producer could not publish, even after its retries
@@ -32,6 +33,7 @@ __all__ = [
     "InferenceError",
     "RegistryError",
     "RegistryUnavailable",
+    "RegistryNotFound",
     "StorageError",
     "TransientError",
     "BrokerUnavailable",
@@ -129,6 +131,10 @@ class RegistryError(ModelError):
 
 class RegistryUnavailable(RegistryError):
     """The registry or its artifact store did not answer (a worker falls back to its cached version)."""
+
+
+class RegistryNotFound(RegistryError):
+    """The registry has no such model, alias or version (an experiment arm whose alias is not set is left out)."""
 
 
 class StorageError(HeimdallError):

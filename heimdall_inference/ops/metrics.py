@@ -23,6 +23,7 @@ STAGES = ("queue", "decode", "features", "inference", "store")
 _CACHED_STAGES = ("queue", "decode", "store")
 _STAGE_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_LATENCY_BUCKETS_S = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _DISTANCE_BUCKETS_M = (100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5)
 
 
@@ -93,6 +94,9 @@ class ServiceMetrics:
                                          "backend did not answer (their fixes are stored)", registry=reg)
         self.stage = Histogram("heimdall_stage_seconds", "Time per fix in each stage", ["stage"],
                                buckets=_STAGE_BUCKETS_S, registry=reg)
+        self.latency = Histogram("heimdall_fix_latency_seconds", "A served fix from the producer's send to its row "
+                                 "stored: the sum of its stages (queue, decode, features, inference, store)",
+                                 buckets=_LATENCY_BUCKETS_S, registry=reg)
         self.batch = Histogram("heimdall_batch_size", "heimdall.predict requests handled in one pass",
                                buckets=_BATCH_BUCKETS, registry=reg)
         self.model = Gauge("heimdall_model_info", "The model this child serves (1), by name, version, alias and where "
@@ -127,9 +131,12 @@ class ServiceMetrics:
             self.fixes.labels(model_version=str(f["model"]["version"]), role="served",
                               cached="true" if cached else "false").inc()
             t = f.get("timings_ms") or {}
+            total = 0.0
             for stage in (_CACHED_STAGES if cached else STAGES):  # a cache hit ran no features or model
                 if stage in t:
                     self.stage.labels(stage=stage).observe(float(t[stage]) / 1e3)
+                    total += float(t[stage])
+            self.latency.observe(total / 1e3)
 
     def shadow_stored(self, served: dict[str, Any], shadow: dict[str, Any]) -> None:
         """A shadow model's fix stored beside a served one: counted, and how far apart they are."""

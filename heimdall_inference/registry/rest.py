@@ -27,7 +27,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from ..errors import RegistryError, RegistryUnavailable
+from ..errors import RegistryError, RegistryNotFound, RegistryUnavailable
 from .version import RegisteredVersion
 
 __all__ = ["RestRegistry"]
@@ -66,6 +66,8 @@ class RestRegistry:
             detail = _error_text(exc)
             if exc.code >= 500 or exc.code == 429:
                 raise RegistryUnavailable(f"{path}: the registry answered {exc.code}: {detail}") from exc
+            if exc.code == 404 or "RESOURCE_DOES_NOT_EXIST" in detail:
+                raise RegistryNotFound(f"{path}: {exc.code} {detail}") from exc
             raise RegistryError(f"{path}: {exc.code} {detail}") from exc
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise RegistryUnavailable(f"{self.base}: the registry did not answer: {getattr(exc, 'reason', exc)}") from exc

@@ -29,6 +29,7 @@ class FixWrites(NamedTuple):
 
     new: int  #: rows inserted (the others were already there)
     conflicts: frozenset[int] = frozenset()  #: indexes of rows whose key was stored with another payload digest
+    shadow_error: str | None = None  #: why the shadow rows were not stored (the fixes were: a shadow never fails them)
 
 
 def storable_text(text: str | None, limit: int | None = None) -> str | None:
@@ -105,7 +106,8 @@ class Store(Protocol):
     def write_fixes(self, rows: list[dict[str, Any]], shadows: list[dict[str, Any] | None] | None = None) -> FixWrites:
         """Insert fix rows idempotently in one transaction; returns how many were new and which rows
         conflict (their key is stored with another digest). ``shadows`` (aligned with ``rows``): a shadow
-        model's row to store beside each fix, in the same transaction, except beside a conflicting one.
+        model's row to store beside each fix, in the same transaction, except beside a conflicting one; shadow
+        rows the database refuses are left out (``shadow_error``) and the fixes are stored all the same.
 
         Raises TransientError when the database cannot be reached (retry), StorageError otherwise.
         """

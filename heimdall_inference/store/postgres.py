@@ -217,7 +217,13 @@ class PostgresStore:
                 FixWrites(new, self._conflicts(conn, rows))
             beside = [s for i, s in enumerate(shadows or ()) if s is not None and i not in done.conflicts]
             if beside:
-                conn.cursor().executemany(self._insert_shadow, beside)
+                try:
+                    with conn.transaction():  # a savepoint: a refused shadow row never takes the fixes with it
+                        conn.cursor().executemany(self._insert_shadow, beside)
+                except psycopg.OperationalError:
+                    raise
+                except psycopg.Error as exc:
+                    return done._replace(shadow_error=f"PostgreSQL refused the shadow rows: {_first_line(exc)}")
             return done
 
         return self._run(go)

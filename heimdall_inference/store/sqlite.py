@@ -117,7 +117,18 @@ class SqliteStore:
             beside = [tuple(sh[c] for c in SHADOW_COLUMNS) for i, sh in enumerate(shadows or ())
                       if sh is not None and i not in conflicts]
             if beside:
-                conn.executemany(self._insert_shadow, beside)
+                conn.execute("SAVEPOINT shadows")  # a refused shadow row never takes the fixes with it
+                try:
+                    conn.executemany(self._insert_shadow, beside)
+                    conn.execute("RELEASE SAVEPOINT shadows")
+                except sqlite3.OperationalError as exc:
+                    if "no such table" not in str(exc):
+                        raise  # busy, locked, I/O: the whole write is retried
+                    conn.execute("ROLLBACK TO SAVEPOINT shadows")
+                    return FixWrites(new, frozenset(conflicts), f"SQLite refused the shadow rows: {exc}")
+                except sqlite3.Error as exc:
+                    conn.execute("ROLLBACK TO SAVEPOINT shadows")
+                    return FixWrites(new, frozenset(conflicts), f"SQLite refused the shadow rows: {exc}")
             return FixWrites(new, frozenset(conflicts))
 
         return self._run(go) if rows else FixWrites(0)

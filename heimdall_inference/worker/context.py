@@ -94,7 +94,8 @@ def _localizer(settings: Settings, model: ResolvedModel | None, fetch: Any) -> L
 
 
 def _arms(settings: Settings, models: ModelSet | None, fetch: Any, reuse: Router | None = None,
-          warm: bool = False) -> Router:
+          warm: bool = False, interrupts: tuple[type[BaseException], ...] = (),
+          metrics: ServiceMetrics | None = None) -> Router:
     """The router over every model in ``models``: the served one (its failure to load is raised), and each other
     ref's (one that does not load, or takes other inputs than the served one, is logged and left out: its share
     goes to the served model). A version already loaded in ``reuse`` keeps its session; a new one is loaded
@@ -123,7 +124,11 @@ def _arms(settings: Settings, models: ModelSet | None, fetch: Any, reuse: Router
         before = reuse.arm(ref) if reuse is not None else None
         try:
             a = arm(model, ref)
+        except interrupts:  # a soft time limit ends the pass; the swap is tried again on the next one
+            raise
         except Exception as exc:
+            if metrics is not None:
+                metrics.swap_done("failed")
             log.error("model %s (version %s) does not load here: %s; %s", ref, model.version, exc,
                       f"version {before.version} keeps serving it" if before else "its requests go to the served model")
             if before is not None:
@@ -164,7 +169,7 @@ def build_service(settings: Settings, metrics: ServiceMetrics | None = None,
         from ..store.objectstore import S3Fetcher
 
         fetch = S3Fetcher(settings.s3_endpoint_url)
-    router = _arms(settings, models, fetch)
+    router = _arms(settings, models, fetch, interrupts=(SoftTimeLimitExceeded,), metrics=metrics)
     store = open_store(settings.database_url, schema=settings.db_schema, pool_max=settings.db_pool_max,
                        statement_timeout_ms=settings.db_statement_timeout_ms)
     cache = FixCache(settings.cache_url, ttl_s=settings.cache_ttl_s, prefix=settings.redis_key_prefix) \
@@ -210,7 +215,8 @@ def rebuild_service(ctx: ProcessContext, models: ModelSet) -> Service:
     old = ctx.service
     if old is None:
         return build_service(ctx.settings, ctx.metrics, models)
-    router = _arms(ctx.settings, models, old.localizer.decoder.fetch_iq_ref, reuse=old.router, warm=True)
+    router = _arms(ctx.settings, models, old.localizer.decoder.fetch_iq_ref, reuse=old.router, warm=True,
+                   interrupts=old.interrupts, metrics=ctx.metrics)
     if ctx.metrics is not None:
         ctx.metrics.models_loaded((a.name, a.version, a.alias, a.source) for a in router.arms)
     return Service(router.primary.localizer, old.store, old.cache, metrics=ctx.metrics, interrupts=old.interrupts,

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import HeimdallError, RegistryUnavailable
+from ..errors import HeimdallError, RegistryNotFound, RegistryUnavailable
 from ..registry.resolve import ModelSet, ResolvedModel
 
 __all__ = ["ModelWatcher", "write_state", "read_state", "swapped", "same_models", "RELOAD_COMMAND"]
@@ -123,7 +123,7 @@ class ModelWatcher:
             others: dict[str, ResolvedModel] = {}
             for ref in self.refs:
                 model, result = self._check_one(ref, self.current.other(ref))
-                results.append(result)
+                results += result
                 if model is not None:
                     others[ref] = model
             new = ModelSet.of(primary, others)  # type: ignore[arg-type]
@@ -150,7 +150,8 @@ class ModelWatcher:
             return cur, [self._result("unreachable")]
         except HeimdallError as exc:  # a checksum, a contract, an alias gone: the old version keeps serving
             self.last_error = str(exc)
-            if ref is not None and cur is None:  # an experiment arm not in the registry (yet): its share is served
+            if ref is not None and (cur is None or isinstance(exc, RegistryNotFound)):
+                # an experiment arm not in the registry (not yet, or its alias removed: the experiment is over)
                 self._say(ref, f"absent: {exc}", logging.WARNING, "model watch: %s is not served here (%s); its "
                           "requests go to the worker's own model", ref, exc)
                 return None, [self._result("absent")]

@@ -10,8 +10,10 @@ the decoder's rules: every arm takes the same payloads and features). :class:`Ro
   else the task id): a session always meets the same arm, and a redelivered task the same model. The
   hash is a fixed point in [0, 1) per key and the arms take consecutive shares in the order given, so
   growing the last arm's share (a ramp-up) only moves sessions into it, never out of it;
-* an arm that is not loaded now (its alias not set yet, its version refused) gives its share to the
-  served model: a request is never failed for a missing experiment arm;
+* an arm that is not loaded now (its alias not set yet or removed, its version refused) gives its share
+  of the split to the served model: the split never fails a request for a missing arm (a payload that
+  names such an arm in ``options.model`` gets ``unknown_model``: it is never served by another model
+  than the one it asked for);
 * the shadow arm also runs on every request another arm served; its fix is stored, never returned.
 """
 

@@ -252,13 +252,14 @@ class Service:
             log.error("request %s failed on a server fault", task_id, exc_info=exc)
         return exc
 
-    def _admit(self, payload: RawPayload, task_id: str | None, *, digest: bool = True,
-               key: str | None = None) -> tuple[DecodedPayload, Arm]:
-        """Decode and route; a PayloadError (invalid input, an ``options.model`` not served here) is recorded
-        first (TransientError if the database is down: the task retries, and records it once it is back)."""
+    def _admit(self, payload: RawPayload, task_id: str | None, *, digest: bool = True, key: str | None = None,
+               route_key: str | None = None) -> tuple[DecodedPayload, Arm]:
+        """Decode and route (``route_key``, else the task id, when the payload has no session or request id); a
+        PayloadError (invalid input, an ``options.model`` not served here) is recorded first (TransientError if
+        the database is down: the task retries, and records it once it is back)."""
         try:
             decoded = self.localizer.decode(payload, digest=digest)
-            return decoded, self.router.choose(decoded, task_id)
+            return decoded, self.router.choose(decoded, route_key or task_id)
         except PayloadError as exc:
             self._reject(exc, payload, task_id, key)
             raise
@@ -350,8 +351,9 @@ class Service:
         try:
             try:
                 done = write(slice(None))
-                new, conflicts = done.new, set(done.conflicts)
+                new, conflicts, shadow_error = done.new, set(done.conflicts), done.shadow_error
             except StorageError as exc:
+                shadow_error = None
                 if len(rows) == 1:
                     failures, new = [exc], 0
                 else:
@@ -361,6 +363,7 @@ class Service:
                         try:
                             one = write(slice(k, k + 1))
                             new += one.new
+                            shadow_error = shadow_error or one.shadow_error
                             if one.conflicts:
                                 conflicts.add(k)
                         except StorageError as row_exc:
@@ -374,10 +377,16 @@ class Service:
         for failure, row in zip(failures, rows):
             if isinstance(failure, StorageError):
                 log.error("the database refused the fix of %s: %s", row["fix_key"], failure)
+        if shadow_error is not None:
+            log.error("%s; the served fixes are stored", shadow_error)
         if beside and self.metrics is not None:
             for fix, shadow, failure in zip(fixes, shadows, failures):
-                if shadow is not None and failure is None:
+                if shadow is None or failure is not None:
+                    continue
+                if shadow_error is None:
                     self.metrics.shadow_stored(fix, shadow)
+                else:
+                    self.metrics.shadow_failed()
         stored = len(rows) - sum(f is not None for f in failures)
         self.counters.stored_new += new
         self.counters.stored_duplicate += stored - new
@@ -409,7 +418,7 @@ class Service:
         errors: list[dict[str, Any]] = []
         for i, p in enumerate(payloads):
             try:  # chunks skip the cache
-                admitted.append((i, *self._admit(p, task_id, digest=False, key=keys[i])))
+                admitted.append((i, *self._admit(p, task_id, digest=False, key=keys[i], route_key=keys[i])))
             except PayloadError as exc:
                 errors.append({"index": offset + i, **exc.to_dict()})
             except (TransientError, *self.interrupts):

@@ -300,3 +300,26 @@ def test_shadow_rows_on_every_store(fixes, tmp_path):
         finally:
             store.drop_schema()
             store.close()
+
+
+def test_a_refused_shadow_row_never_takes_the_served_fixes_with_it(fixes, tmp_path):
+    """A worker role without INSERT on shadow_fixes, or the table missing: the fixes are stored, the shadow
+    rows are not, and the write says why (found in review: it failed every served fix that had a shadow)."""
+    from heimdall_inference.store import shadow_row
+    from heimdall_inference.store.sqlite import SqliteStore
+
+    rows = [fix_row(f, f"d{i}") for i, f in enumerate(fixes)]
+    shadows = [shadow_row(f, f) for f in fixes]
+    sqlite = SqliteStore(tmp_path / "s.sqlite3")
+    pg = _pg("shadowless")
+    try:
+        for store in (sqlite, pg):
+            store.init_schema(timescaledb="off")
+            drop = "DROP TABLE shadow_fixes" if store is sqlite else f"DROP TABLE {store.schema}.shadow_fixes"
+            store._run(lambda c: c.execute(drop))
+            done = store.write_fixes(rows, shadows)
+            assert done.new == 4 and "shadow" in done.shadow_error and store.count_fixes() == 4, done
+    finally:
+        sqlite.close()
+        pg.drop_schema()
+        pg.close()

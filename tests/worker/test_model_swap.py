@@ -83,3 +83,30 @@ def test_a_child_swaps_when_the_state_file_changes_and_keeps_the_old_model_when_
     kept = swapped(new, broken, installed.append)
     assert kept.service.version == "2" and kept.models == ModelSet(_model("2"))
     assert swapped(kept, broken, installed.append) is kept  # not retried on every pass
+
+
+def test_an_experiment_arm_appears_and_is_dropped_when_its_alias_is_removed(tmp_path):
+    from heimdall_inference.errors import RegistryNotFound
+
+    def arm(version):
+        return ResolvedModel(path=Path(f"/cache/m/{version}/model.onnx"), source="registry", name="m",
+                             version=version, alias="challenger", sha256="b" * 64, uri="models:/m@challenger")
+
+    answers = {None: [_model("1")] * 4,
+               "challenger": [RegistryNotFound("no alias"), arm("7"), RegistryError("sha256 mismatch"),
+                              RegistryNotFound("alias removed")]}
+
+    def resolve(ref=None):
+        a = answers[ref].pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    counted = []
+    w = ModelWatcher(ModelSet(_model("1")), tmp_path / "model.json", resolve, refs=("challenger",), interval_s=0,
+                     count=counted.append)
+    assert w.check() == "absent" and w.current.other("challenger") is None
+    assert w.check() == "published" and read_state(tmp_path / "model.json").other("challenger") == arm("7")
+    assert w.check() == "refused" and w.current.other("challenger") == arm("7")  # a bad new version: the old serves
+    assert w.check() == "published" and w.current.other("challenger") is None  # the experiment is over
+    assert counted == ["absent", "published", "refused", "absent", "published"]

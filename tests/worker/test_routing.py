@@ -203,3 +203,62 @@ def test_shadow_metrics_count_the_shadow_and_how_far_it_lies(localizer, challeng
     assert v("heimdall_shadow_distance_meters_count") == 5
     assert v("heimdall_shadow_distance_meters_bucket", {"le": "1000.0"}) == 0
     assert v("heimdall_shadow_distance_meters_bucket", {"le": "2500.0"}) == 5  # 2 km apart, every one
+
+
+def test_a_shadow_table_the_database_refuses_leaves_the_served_fixes_stored(localizer, challenger,
+                                                                            scenes_and_payloads, tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from heimdall_inference.ops.metrics import ServiceMetrics
+    from heimdall_inference.store.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    store.init_schema()
+    store._run(lambda c: c.execute("DROP TABLE shadow_fixes"))
+    reg = CollectorRegistry()
+    svc = Service(localizer, store, metrics=ServiceMetrics(reg),
+                  router=_router(localizer, challenger, split="", shadow="challenger"))
+    try:
+        out = svc.predict_requests([Request({**copy.deepcopy(d), "request_id": f"x{i}"}, f"t{i}")
+                                    for i, d in enumerate(scenes_and_payloads[1][:3])])
+        assert all(isinstance(f, dict) for f in out) and store.count_fixes() == 3
+        assert reg.get_sample_value("heimdall_shadow_errors_total") == 3
+    finally:
+        store.close()
+
+
+def test_a_soft_time_limit_while_a_new_arm_loads_ends_the_pass(monkeypatch, tmp_path):
+    """Found in review: loading a secondary arm caught every Exception, SoftTimeLimitExceeded included."""
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    from heimdall_inference.core.session import default_model_path
+    from heimdall_inference.registry.resolve import ModelSet, ResolvedModel
+    from heimdall_inference.settings import Settings
+    from heimdall_inference.worker import context
+
+    from heimdall_inference.registry.cache import file_sha256
+
+    sha = file_sha256(default_model_path())  # as the registry's tag says, once verified
+
+    def model(version, alias):
+        return ResolvedModel(path=default_model_path(), source="registry", name="localization_model", version=version,
+                             alias=alias, sha256=sha, uri=f"models:/localization_model@{alias}")
+
+    settings = Settings(model_uri="models:/localization_model@production", model_shadow="challenger")
+    real = context._localizer
+
+    def slow(settings, m, fetch):
+        if m is not None and m.version == "4":
+            raise SoftTimeLimitExceeded()
+        return real(settings, m, fetch)
+
+    monkeypatch.setattr(context, "_localizer", slow)
+    first = context._arms(settings, ModelSet.of(model("1", "production"), {"challenger": model("2", "challenger")}),
+                          None, interrupts=(SoftTimeLimitExceeded,))
+    assert first.shadow is not None and first.shadow.version == "2"
+    with pytest.raises(SoftTimeLimitExceeded):
+        context._arms(settings, ModelSet.of(model("1", "production"), {"challenger": model("4", "challenger")}),
+                      None, reuse=first, interrupts=(SoftTimeLimitExceeded,))
+    kept = context._arms(settings, ModelSet.of(model("1", "production"), {"challenger": model("5", "challenger")}),
+                         None, reuse=first)
+    assert kept.shadow.version == "5" and kept.primary.localizer is first.primary.localizer  # reused, not reloaded

@@ -22,29 +22,64 @@ def _compose_binary() -> str:
     return str(path)
 
 
+def _compose_config(env_file: Path | None) -> subprocess.CompletedProcess:
+    args = [_compose_binary(), "-f", str(ROOT / "docker-compose.yml")] + (["--env-file", str(env_file)] if env_file else [])
+    env = {k: v for k, v in __import__("os").environ.items() if not k.endswith(("_PASSWORD", "_USER"))}
+    return subprocess.run(args + ["config", "--format", "json"], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT, env=env)
+
+
 def test_compose_file_is_valid_and_complete(tmp_path):
-    res = subprocess.run([_compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "config", "--format", "json"],
-                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    env = tmp_path / ".env"  # deploy/env.example with every secret set
+    env.write_text("\n".join(line + "s3cret-value" if line.endswith("=") and not line.startswith("HEIMDALL_MODEL")
+                             else line for line in (ROOT / "deploy" / "env.example").read_text().splitlines()))
+    res = _compose_config(env)
     assert res.returncode == 0, res.stderr
     import json
 
     cfg = json.loads(res.stdout)
-    assert {"rabbitmq", "redis", "db", "minio", "mlflow", "flower", "worker", "prometheus"} <= set(cfg["services"])
-    assert cfg["services"]["db"]["image"].startswith("timescale/timescaledb")
-    worker = cfg["services"]["worker"]
+    services = cfg["services"]
+    assert {"rabbitmq", "redis", "db", "minio", "mlflow", "flower", "worker", "prometheus", "grafana"} <= set(services)
+    assert services["db"]["image"].startswith("timescale/timescaledb")
+    worker = services["worker"]
     assert worker["build"]["dockerfile"] == "worker.Dockerfile"
     assert "container_name" not in worker  # --scale worker=N needs unnamed containers
-    assert worker["environment"]["HEIMDALL_BROKER_URL"].startswith("amqp://")
+    assert worker["environment"]["HEIMDALL_BROKER_URL"].startswith("amqp://heimdall:s3cret-value@rabbitmq")
+    assert worker["environment"]["HEIMDALL_RESULT_BACKEND"] == "redis://:s3cret-value@redis:6379/0"
     assert worker["environment"]["HEIMDALL_METRICS_PORT"] == "9808"
     # the model lifecycle: workers serve the registry's production alias, registered on the first start
     assert worker["environment"]["HEIMDALL_MODEL_URI"] == "models:/localization_model@production"
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert worker["depends_on"]["model-register"]["condition"] == "service_completed_successfully"
-    reg = cfg["services"]["model-register"]
+    reg = services["model-register"]
     assert reg["command"][:3] == ["heimdall-inference", "model", "bootstrap"] and "registry" in reg["build"]["args"]["EXTRAS"]
-    assert "--artifacts-destination" in cfg["services"]["mlflow"]["command"]
-    scrape = (ROOT / "deploy" / "prometheus.yml").read_text()
-    assert "names: [worker]" in scrape and "port: 9808" in scrape
+    assert "--artifacts-destination" in services["mlflow"]["command"]
+    scrape = (ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text()
+    assert "names: [worker]" in scrape and "port: 9808" in scrape and "alerts.yml" in scrape
+
+    # hardened: only the operator-facing ports, on loopback by default
+    published = {(name, p["target"]): p.get("host_ip") for name, svc in services.items() for p in svc.get("ports", [])}
+    assert set(published) == {("rabbitmq", 5672), ("rabbitmq", 15672), ("mlflow", 5000), ("flower", 5555),
+                              ("prometheus", 9090), ("grafana", 3000)}
+    assert set(published.values()) == {"127.0.0.1"}
+    for name, svc in services.items():  # pinned images: a tag, never latest
+        if "image" in svc:
+            assert ":" in svc["image"].rsplit("/", 1)[-1] and not svc["image"].endswith(":latest"), name
+    assert "--requirepass" in " ".join(services["redis"]["command"])
+    assert services["rabbitmq"]["environment"]["RABBITMQ_DEFAULT_USER"] == "heimdall"  # no guest account
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "operator:s3cret-value"
+    assert services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] == "s3cret-value"
+    limits = worker["deploy"]["resources"]["limits"]
+    assert float(limits["cpus"]) == 2 and int(limits["memory"]) == 2 * 1024 ** 3
+    assert "/healthz" in " ".join(worker["healthcheck"]["test"])
+    mounts = {v["target"]: v.get("source", "") for v in services["grafana"]["volumes"]}
+    assert mounts["/etc/grafana/provisioning"].endswith("deploy/grafana/provisioning")
+    assert mounts["/var/lib/grafana/dashboards"].endswith("deploy/grafana/dashboards")
+
+    # no default credentials: without the secrets, compose refuses and names the variable
+    bare = _compose_config(None)
+    assert bare.returncode != 0 and "required variable" in bare.stderr and "in .env" in bare.stderr, bare.stderr
+
     # the validator really validates: a broken file fails
     bad = tmp_path / "bad.yml"
     bad.write_text("services: {x: {image: 1}}\n")

@@ -27,6 +27,9 @@ ENV HEIMDALL_METRICS_PORT=9808
 EXPOSE 9808
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9808/healthz', timeout=5)"]
-# SIGTERM = warm shutdown: running tasks finish, unacknowledged ones return to the queue.
+# SIGTERM = Celery's soft shutdown, then a cold one: running tasks get HEIMDALL_SHUTDOWN_TIMEOUT_S (20 s) to
+# finish, then end; every unacknowledged message returns to the queue (acks late, idempotent rows). Keep the
+# orchestrator's grace period above it (compose stop_grace_period 60 s, Kubernetes terminationGracePeriodSeconds).
+ENV REMAP_SIGTERM=SIGQUIT
 STOPSIGNAL SIGTERM
 CMD ["celery", "-A", "heimdall_inference.worker", "worker", "--loglevel", "INFO", "--concurrency", "2"]

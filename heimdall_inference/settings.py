@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(86_400, ge=1)  #: a cached fix lives this long
     task_soft_time_limit_s: float = Field(20.0, gt=0)  #: SoftTimeLimitExceeded after this long
     task_time_limit_s: float = Field(30.0, gt=0, lt=_RABBITMQ_CONSUMER_TIMEOUT_S)  #: the child is killed after this long
+    #: a cold shutdown (SIGQUIT; SIGTERM in the image) gives running tasks this long before ending them
+    shutdown_timeout_s: float = Field(20.0, ge=0, le=3600)
     delivery_limit: int = Field(5, ge=1, le=1000)  #: quorum queue redeliveries before a message is dead-lettered
     prefetch_multiplier: int = Field(32, ge=1, le=4096)  #: live messages reserved per child (0 would mean unlimited)
     #: batch messages (chord chunks, ~4 MB each) reserved per child: a few keep the children busy; more would only
@@ -88,6 +90,8 @@ class Settings(BaseSettings):
     #: how long after the last live request that reservation holds (then batch work may take every child)
     live_window_s: float = Field(2.0, ge=0.0, le=3600.0)
     s3_endpoint_url: str = ""  #: MinIO/S3 endpoint for iq_ref claim checks ("" = iq_ref not served)
+    #: worker log lines: "text" (Celery's format) or "json" (one object per line: task id, request id, model version)
+    log_format: Literal["text", "json"] = "text"
     metrics_port: int = Field(0, ge=0, le=65535)  #: Prometheus /metrics and /healthz port per worker (0 = off)
     data_dir: str = ""  #: embedded mode: where the filesystem broker, results and SQLite live
 

@@ -59,6 +59,14 @@ def build(s: Settings) -> dict[str, Any]:
         worker_send_task_events=False,
         task_send_sent_event=False,
         task_track_started=False,
+        # Shutdown. SIGTERM is a warm shutdown (running tasks finish, reserved ones go back unacknowledged),
+        # bounded by the task time limit. A cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT as
+        # in the image) first gives running tasks this long (Celery's soft shutdown, also when the worker
+        # is idle), then ends them; their messages are redelivered (acks late), rows are idempotent. Keep
+        # it below the orchestrator's grace period (compose stop_grace_period, Kubernetes
+        # terminationGracePeriodSeconds).
+        worker_soft_shutdown_timeout=s.shutdown_timeout_s,
+        worker_enable_soft_shutdown_on_idle=True,
         # Children are recycled by memory, not by task count: the warm model is worth keeping.
         worker_max_memory_per_child=1_500_000,  # KiB
         worker_hijack_root_logger=False,

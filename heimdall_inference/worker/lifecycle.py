@@ -39,8 +39,8 @@ from pathlib import Path
 
 from celery import bootsteps
 from celery.worker.control import control_command
-from celery.signals import (celeryd_after_setup, worker_init, worker_process_init, worker_process_shutdown,
-                            worker_shutdown)
+from celery.signals import (after_setup_logger, after_setup_task_logger, celeryd_after_setup, worker_init,
+                            worker_process_init, worker_process_shutdown, worker_shutdown)
 
 from ..errors import ConfigError, HeimdallError, ModelLoadError
 from ..ops.endpoints import check_endpoints
@@ -48,6 +48,7 @@ from ..ops.exporter import MetricsExporter
 from ..ops.collectors import BrokerCollector, QueueProbe, WorkerCollector
 from ..ops.health import CachedCheck, clear_child_ready, mark_child_ready, worker_health, worker_readiness
 from ..store import probe_database
+from ..ops.logs import configure_logging
 from ..ops.memory import pin_mmap_threshold
 from ..ops.metrics import count_model_watch, count_registry_fallback, prepare_multiprocess_dir
 from ..registry.resolve import ModelSet, ResolvedModel, default_cache_dir, ref_uri, resolve_model
@@ -233,6 +234,14 @@ def _reload(state: Any, **_: Any) -> dict[str, Any]:
     now = ctx.watcher.current
     return {"ok": True, "uri": now.primary.uri, "serving": now.primary.version,
             **({"others": {ref: m.version for ref, m in now.others}} if ctx.watcher.refs else {})}
+
+
+@after_setup_logger.connect
+@after_setup_task_logger.connect
+def _setup_logs(logger: Any = None, **_: Any) -> None:
+    """Fix summaries on the success lines; JSON lines with HEIMDALL_LOG_FORMAT=json."""
+    if logger is not None:
+        configure_logging(logger, process_settings().log_format)
 
 
 @celeryd_after_setup.connect

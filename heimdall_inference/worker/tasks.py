@@ -29,6 +29,7 @@ from ..errors import PayloadCode, PayloadError, TransientError
 from .batching import MISSING, sent_at_s, take_precomputed
 from .service import summarize
 from .context import current_service
+from ..ops.logs import remember_fix
 
 __all__ = ["HeimdallTask", "predict", "predict_chunk", "predict_batch", "collect", "model_info", "noop",
            "batch_signature", "retried_on_time_limit"]
@@ -67,12 +68,13 @@ _retry = dict(autoretry_for=(TransientError,), retry_backoff=1, retry_backoff_ma
           **_retry)
 def predict(self, payload: Any) -> dict[str, Any]:
     done = take_precomputed(self.request.id)  # computed with others by batching.run_batch
-    if done is not MISSING:
-        if isinstance(done, BaseException):
-            raise done
-        return done
-    with retried_on_time_limit("the request"):
-        return current_service().predict(payload, task_id=self.request.id, sent_at_s=sent_at_s(vars(self.request)))
+    if done is MISSING:
+        with retried_on_time_limit("the request"):
+            done = current_service().predict(payload, task_id=self.request.id, sent_at_s=sent_at_s(vars(self.request)))
+    if isinstance(done, BaseException):
+        raise done
+    remember_fix(self.request.id, done)  # the success log line says it in one line, not the whole document
+    return done
 
 
 _BULK = "heimdall_inference.worker.batching:bulk_strategy"  #: batch work: guarded, and yields to live requests

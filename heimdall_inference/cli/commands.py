@@ -10,6 +10,7 @@
     heimdall-inference db init                                     # predictions + rejections tables
     heimdall-inference submit scenes/scene-0000.json               # through the broker (HEIMDALL_* env)
     heimdall-inference dead list                                   # what is in heimdall.dead, and why
+    heimdall-inference export --geojson fixes.geojson              # recent fixes for QGIS or Grafana
 """
 
 from __future__ import annotations
@@ -87,6 +88,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="replay: every dead letter")
     p.add_argument("--limit", type=int, default=100, help="list: at most this many")
     p.add_argument("--yes", action="store_true", help="purge: confirm dropping every dead letter")
+
+    p = sub.add_parser("export", help="recent fixes from the database as GeoJSON (HEIMDALL_DATABASE_URL)")
+    p.add_argument("--geojson", type=Path, required=True, help="the FeatureCollection to write")
+    p.add_argument("--since-hours", type=float, default=24.0, help="fixes captured in the last this many hours (0 = all)")
+    p.add_argument("--limit", type=int, default=10_000, help="at most this many fixes, newest first")
+    p.add_argument("--no-ellipses", action="store_true", help="points only (no 95 %% ellipse polygons)")
 
     from .registry import add_parser as add_model_parser
 
@@ -284,6 +291,24 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..settings import process_settings
+    from ..store import open_store
+    from .export import export_geojson
+
+    if args.since_hours < 0 or args.limit < 1:
+        raise ConfigError("--since-hours must be >= 0 (0: all) and --limit >= 1")
+    s = process_settings()
+    store = open_store(s.database_url, schema=s.db_schema, pool_max=1)
+    try:
+        print(json.dumps(export_geojson(store, args.geojson, since_hours=args.since_hours or None, limit=args.limit,
+                                        ellipses=not args.no_ellipses)))
+    finally:
+        store.close()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. An expected failure (a bad setting, an unreachable or refusing server, a model
     that cannot load) is one line on stderr and exit status 2 (config) or 1, never a traceback."""
@@ -291,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     handler = {"simulate": _simulate, "predict": _predict, "evaluate": _evaluate, "bench": _bench,
-               "model": _model, "demo": _demo, "submit": _submit, "db": _db, "dead": _dead}[args.command]
+               "model": _model, "demo": _demo, "submit": _submit, "db": _db, "dead": _dead,
+               "export": _export}[args.command]
     try:
         return handler(args)
     except ConfigError as exc:  # a bad HEIMDALL_* variable: one line, not a traceback

@@ -6,7 +6,7 @@ import threading
 from typing import Any, NamedTuple, Protocol
 
 __all__ = ["Store", "MemoryStore", "FixWrites", "fix_row", "shadow_row", "rejection_row", "storable_text",
-           "FIX_COLUMNS", "SHADOW_COLUMNS", "PAIR_COLUMNS", "REJECTION_COLUMNS", "TIMESCALEDB_MODES"]
+           "FIX_COLUMNS", "SHADOW_COLUMNS", "PAIR_COLUMNS", "EXPORT_COLUMNS", "REJECTION_COLUMNS", "TIMESCALEDB_MODES"]
 
 FIX_COLUMNS = ("captured_at", "fix_key", "task_id", "request_id", "lat", "lon", "east_m", "north_m",
                "cov_ee_m2", "cov_en_m2", "cov_nn_m2", "semi_major_95_m", "semi_minor_95_m", "orientation_95_deg",
@@ -17,6 +17,8 @@ SHADOW_COLUMNS = ("captured_at", "fix_key", "served_version", "model_name", "mod
 """``shadow_fixes``: a shadow model's fix beside the served one (same key and capture time), never returned."""
 _GEOMETRY = ("model_version", "model_alias", "east_m", "north_m", "cov_ee_m2", "cov_en_m2", "cov_nn_m2",
              "semi_major_95_m")
+EXPORT_COLUMNS = ("fix_key", "captured_at", "lat", "lon", "cov_ee_m2", "cov_en_m2", "cov_nn_m2", "semi_major_95_m", "semi_minor_95_m", "orientation_95_deg", "receivers", "model_name", "model_version", "model_alias", "cached")
+"""What :meth:`Store.recent_fixes` returns per stored fix (``captured_at`` as ISO 8601 text)."""
 PAIR_COLUMNS = tuple(f"served_{c}" for c in _GEOMETRY) + tuple(f"shadow_{c}" for c in _GEOMETRY)
 """What :meth:`Store.shadow_pairs` returns per stored fix with a shadow beside it."""
 REJECTION_COLUMNS = ("reject_key", "task_id", "request_id", "code", "message", "field", "receivers", "size_bytes")
@@ -115,6 +117,9 @@ class Store(Protocol):
     def shadow_pairs(self, since: str | None = None, limit: int = 1_000_000) -> list[dict[str, Any]]:
         """Stored fixes captured since ``since`` (ISO 8601) with a shadow fix beside them: :data:`PAIR_COLUMNS`."""
 
+    def recent_fixes(self, since: str | None = None, limit: int = 10_000) -> list[dict[str, Any]]:
+        """The newest stored fixes captured since ``since`` (ISO 8601), at most ``limit``: :data:`EXPORT_COLUMNS`."""
+
     def arm_counts(self, since: str | None = None) -> list[dict[str, Any]]:
         """Stored fixes captured since ``since`` by model version and alias: ``{model_version, model_alias, fixes}``."""
 
@@ -166,6 +171,11 @@ class MemoryStore:
             if p is not None and (since is None or at >= since):
                 out.append({**{f"served_{c}": p[c] for c in _GEOMETRY}, **{f"shadow_{c}": sh[c] for c in _GEOMETRY}})
         return out[:limit]
+
+    def recent_fixes(self, since: str | None = None, limit: int = 10_000) -> list[dict[str, Any]]:
+        rows = sorted((r for (_, at), r in self.fixes.items() if since is None or at >= since),
+                      key=lambda r: r["captured_at"], reverse=True)
+        return [{c: r.get(c) for c in EXPORT_COLUMNS} for r in rows[:limit]]
 
     def arm_counts(self, since: str | None = None) -> list[dict[str, Any]]:
         counts: dict[tuple[str, str | None], int] = {}

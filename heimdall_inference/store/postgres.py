@@ -19,7 +19,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import ConfigError, StorageError, TransientError
-from .base import FIX_COLUMNS, PAIR_COLUMNS, REJECTION_COLUMNS, SHADOW_COLUMNS, TIMESCALEDB_MODES, FixWrites
+from .base import EXPORT_COLUMNS, FIX_COLUMNS, PAIR_COLUMNS, REJECTION_COLUMNS, SHADOW_COLUMNS, TIMESCALEDB_MODES, FixWrites
 
 __all__ = ["PostgresStore"]
 
@@ -261,6 +261,15 @@ class PostgresStore:
                         "ORDER BY p.captured_at DESC LIMIT %s").format(cols, self._predictions, self._shadows)
         return self._run(lambda conn: [dict(zip(PAIR_COLUMNS, r)) for r in conn.execute(
             query, (since or "-infinity", int(limit))).fetchall()])
+
+    def recent_fixes(self, since: str | None = None, limit: int = 10_000) -> list[dict[str, Any]]:
+        query = sql.SQL("SELECT {} FROM {} WHERE captured_at >= %s ORDER BY captured_at DESC LIMIT %s").format(
+            sql.SQL(", ").join(map(sql.Identifier, EXPORT_COLUMNS)), self._predictions)
+        rows = self._run(lambda conn: conn.execute(query, (since or "-infinity", int(limit))).fetchall())
+        out = [dict(zip(EXPORT_COLUMNS, r)) for r in rows]
+        for r in out:
+            r["captured_at"] = r["captured_at"].isoformat()
+        return out
 
     def arm_counts(self, since: str | None = None) -> list[dict[str, Any]]:
         query = sql.SQL("SELECT model_version, model_alias, count(*) FROM {} WHERE captured_at >= %s "

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, StorageError, TransientError
-from .base import FIX_COLUMNS, PAIR_COLUMNS, REJECTION_COLUMNS, SHADOW_COLUMNS, FixWrites
+from .base import EXPORT_COLUMNS, FIX_COLUMNS, PAIR_COLUMNS, REJECTION_COLUMNS, SHADOW_COLUMNS, FixWrites
 
 __all__ = ["SqliteStore"]
 
@@ -140,6 +140,15 @@ class SqliteStore:
             f"SELECT {cols} FROM predictions p JOIN shadow_fixes s USING (fix_key, captured_at) "
             "WHERE p.captured_at >= ? ORDER BY p.captured_at DESC LIMIT ?", (since or "", int(limit))).fetchall())
         return [dict(zip(PAIR_COLUMNS, r)) for r in rows]
+
+    def recent_fixes(self, since: str | None = None, limit: int = 10_000) -> list[dict[str, Any]]:
+        rows = self._run(lambda conn: conn.execute(
+            f"SELECT {', '.join(EXPORT_COLUMNS)} FROM predictions WHERE captured_at >= ? ORDER BY captured_at DESC "
+            "LIMIT ?", (since or "", int(limit))).fetchall())
+        out = [dict(zip(EXPORT_COLUMNS, r)) for r in rows]
+        for r in out:
+            r["receivers"], r["cached"] = json.loads(r["receivers"]), bool(r["cached"])
+        return out
 
     def arm_counts(self, since: str | None = None) -> list[dict[str, Any]]:
         rows = self._run(lambda conn: conn.execute(

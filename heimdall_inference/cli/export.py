@@ -29,7 +29,7 @@ def fixes_geojson(rows: Sequence[dict[str, Any]], *, ellipses: bool = True, poin
     for r in rows:
         props = {"kind": "fix", "fix_key": r["fix_key"], "captured_at": r["captured_at"],
                  "model_name": r["model_name"], "model_version": r["model_version"], "model_alias": r["model_alias"],
-                 "receivers": list(r["receivers"] or []), "cached": bool(r["cached"]),
+                 "receivers": list(r["receivers"] or []), "cached": bool(r["cached"]), "quality": r["quality_grade"],
                  "semi_major_95_m": r["semi_major_95_m"], "semi_minor_95_m": r["semi_minor_95_m"],
                  "orientation_95_deg": r["orientation_95_deg"]}
         features.append({"type": "Feature", "geometry": {"type": "Point", "coordinates": [r["lon"], r["lat"]]},

@@ -8,6 +8,7 @@ import numpy as np
 
 from .payload import DecodedPayload
 from .spec import ModelSpec
+from .quality import fix_quality
 from .uncertainty import DEFAULT_CONFIDENCES, Ellipse, ellipse_axes, ellipse_rings_enu, geojson_polygons
 
 __all__ = ["SCHEMA_FIX", "build_fixes", "ellipse_radius", "covers"]
@@ -33,6 +34,8 @@ def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.nda
                               DEFAULT_CONFIDENCES[-1])
     task_ids = task_ids or [None] * len(decoded)
     model = {"name": name or spec.name, "version": version or spec.version, "alias": alias}
+    quality = fix_quality(spec.network, [d.receiver_ids for d in decoded], [d.iq for d in decoded],
+                          spec.features.full_scale_dbm, mean_enu)
     out = []
     for i, d in enumerate(decoded):
         c = cov[i]
@@ -51,6 +54,7 @@ def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.nda
                 "geojson": shapes[i],
             },
             "receivers_used": list(d.receiver_ids),
+            "quality": quality[i],
             "model": dict(model),
             "cached": False,
             "timings_ms": dict(timings_ms),

@@ -83,6 +83,8 @@ class ServiceMetrics:
         self.fixes = Counter("heimdall_fixes", "Fixes, by the model version that computed them, role (served: returned "
                              "and stored; shadow: stored beside a served fix, never returned) and origin (cached)",
                              ["model_version", "role", "cached"], registry=reg)
+        self.quality = Counter("heimdall_fix_quality", "Served fixes by quality grade (good, fair, poor: the fix's "
+                               "quality field)", ["grade"], registry=reg)
         self.shadow_errors = Counter("heimdall_shadow_errors", "Shadow runs that gave no fix (the served fix is "
                                      "unaffected)", registry=reg)
         self.shadow_distance = Histogram("heimdall_shadow_distance_meters", "Distance between a served fix and the "
@@ -130,6 +132,9 @@ class ServiceMetrics:
             cached = bool(f.get("cached"))
             self.fixes.labels(model_version=str(f["model"]["version"]), role="served",
                               cached="true" if cached else "false").inc()
+            grade = (f.get("quality") or {}).get("grade")
+            if grade:
+                self.quality.labels(grade=grade).inc()
             t = f.get("timings_ms") or {}
             total = 0.0
             for stage in (_CACHED_STAGES if cached else STAGES):  # a cache hit ran no features or model

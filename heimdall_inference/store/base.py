@@ -10,14 +10,17 @@ __all__ = ["Store", "MemoryStore", "FixWrites", "fix_row", "shadow_row", "reject
 
 FIX_COLUMNS = ("captured_at", "fix_key", "task_id", "request_id", "lat", "lon", "east_m", "north_m",
                "cov_ee_m2", "cov_en_m2", "cov_nn_m2", "semi_major_95_m", "semi_minor_95_m", "orientation_95_deg",
-               "receivers", "model_name", "model_version", "model_alias", "cached", "timings_ms", "fix", "digest")
+               "receivers", "model_name", "model_version", "model_alias", "cached", "timings_ms", "fix", "digest",
+               "quality_grade")
 SHADOW_COLUMNS = ("captured_at", "fix_key", "served_version", "model_name", "model_version", "model_alias", "lat",
                   "lon", "east_m", "north_m", "cov_ee_m2", "cov_en_m2", "cov_nn_m2", "semi_major_95_m",
                   "semi_minor_95_m", "orientation_95_deg")
 """``shadow_fixes``: a shadow model's fix beside the served one (same key and capture time), never returned."""
 _GEOMETRY = ("model_version", "model_alias", "east_m", "north_m", "cov_ee_m2", "cov_en_m2", "cov_nn_m2",
              "semi_major_95_m")
-EXPORT_COLUMNS = ("fix_key", "captured_at", "lat", "lon", "cov_ee_m2", "cov_en_m2", "cov_nn_m2", "semi_major_95_m", "semi_minor_95_m", "orientation_95_deg", "receivers", "model_name", "model_version", "model_alias", "cached")
+EXPORT_COLUMNS = ("fix_key", "captured_at", "lat", "lon", "cov_ee_m2", "cov_en_m2", "cov_nn_m2", "semi_major_95_m",
+                  "semi_minor_95_m", "orientation_95_deg", "receivers", "model_name", "model_version", "model_alias",
+                  "cached", "quality_grade")
 """What :meth:`Store.recent_fixes` returns per stored fix (``captured_at`` as ISO 8601 text)."""
 PAIR_COLUMNS = tuple(f"served_{c}" for c in _GEOMETRY) + tuple(f"shadow_{c}" for c in _GEOMETRY)
 """What :meth:`Store.shadow_pairs` returns per stored fix with a shadow beside it."""
@@ -67,6 +70,7 @@ def fix_row(fix: dict[str, Any], digest: str = "") -> dict[str, Any]:
         "model_name": fix["model"]["name"], "model_version": fix["model"]["version"],
         "model_alias": fix["model"].get("alias"), "cached": bool(fix["cached"]),
         "timings_ms": fix.get("timings_ms", {}), "fix": _without_geojson(fix), "digest": digest or None,
+        "quality_grade": (fix.get("quality") or {}).get("grade"),
     }
 
 

@@ -88,6 +88,7 @@ CREATE TABLE IF NOT EXISTS {schema}.shadow_fixes (
 );
 ALTER TABLE {schema}.predictions ADD COLUMN IF NOT EXISTS digest text;
 ALTER TABLE {schema}.predictions ADD COLUMN IF NOT EXISTS model_alias text;
+ALTER TABLE {schema}.predictions ADD COLUMN IF NOT EXISTS quality_grade text;
 ALTER TABLE {schema}.rejections ADD COLUMN IF NOT EXISTS reject_key text;
 CREATE UNIQUE INDEX IF NOT EXISTS rejections_once_idx ON {schema}.rejections (reject_key, code);
 """

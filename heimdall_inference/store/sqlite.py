@@ -19,7 +19,7 @@ CREATE TABLE IF NOT EXISTS predictions (
     lat REAL NOT NULL, lon REAL NOT NULL, east_m REAL, north_m REAL,
     cov_ee_m2 REAL NOT NULL, cov_en_m2 REAL NOT NULL, cov_nn_m2 REAL NOT NULL,
     semi_major_95_m REAL, semi_minor_95_m REAL, orientation_95_deg REAL,
-    receivers TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL, model_alias TEXT,
+    receivers TEXT NOT NULL, model_name TEXT NOT NULL, model_version TEXT NOT NULL, model_alias TEXT, quality_grade TEXT,
     cached INTEGER NOT NULL DEFAULT 0, timings_ms TEXT, fix TEXT NOT NULL,
     stored_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')), digest TEXT,
     PRIMARY KEY (fix_key, captured_at)
@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS rejections (
 """
 MIGRATIONS = {("predictions", "digest"): "ALTER TABLE predictions ADD COLUMN digest TEXT",
               ("predictions", "model_alias"): "ALTER TABLE predictions ADD COLUMN model_alias TEXT",
+              ("predictions", "quality_grade"): "ALTER TABLE predictions ADD COLUMN quality_grade TEXT",
               ("rejections", "reject_key"): "ALTER TABLE rejections ADD COLUMN reject_key TEXT"}
 """Columns added since the first version, for files made by it (SQLite has no ADD COLUMN IF NOT EXISTS)."""
 INDEXES = "CREATE UNIQUE INDEX IF NOT EXISTS rejections_once_idx ON rejections (reject_key, code)"

@@ -93,6 +93,10 @@ def test_a_worker_exports_its_childrens_metrics_and_health(tmp_path, scenes_and_
         assert m[("heimdall_cache_requests_total", (("result", "hit"),))] == 1
         assert m[("heimdall_batch_size_count", ())] >= 1
         assert m[("heimdall_stage_seconds_count", (("stage", "inference"),))] == 6
+        # every served fix has a quality grade: counted, and stored in its row
+        assert sum(v for (name, _), v in m.items() if name == "heimdall_fix_quality_total") == 7
+        grades = store._run(lambda c: c.execute(f"SELECT quality_grade FROM {store.schema}.predictions").fetchall())
+        assert len(grades) == 7 and {g for (g,) in grades} <= {"good", "fair", "poor"}
         code, body = _get(f"http://127.0.0.1:{port}/healthz")
         health = json.loads(body)
         assert code == 200 and health["status"] == "ok" and health["children"] == 2 and health["broker_connected"]

@@ -63,8 +63,12 @@ class Settings(BaseSettings):
     cache_ttl_s: int = Field(86_400, ge=1)  #: a cached fix lives this long
     task_soft_time_limit_s: float = Field(20.0, gt=0)  #: SoftTimeLimitExceeded after this long
     task_time_limit_s: float = Field(30.0, gt=0, lt=_RABBITMQ_CONSUMER_TIMEOUT_S)  #: the child is killed after this long
-    #: a cold shutdown (SIGQUIT; SIGTERM in the image) gives running tasks this long before ending them
-    shutdown_timeout_s: float = Field(20.0, ge=0, le=3600)
+    #: a cold shutdown (SIGQUIT; SIGTERM in the image) gives running tasks this long before ending them; Celery sleeps
+    #: in its signal handler meanwhile (no heartbeats), so keep it well below the broker's heartbeat timeout
+    shutdown_timeout_s: float = Field(20.0, ge=0, le=45)
+    #: a child is replaced after a task leaves its resident memory above this (MiB); children measure ~400 MiB, and
+    #: 2 x 700 MiB + the main process' ~200 MiB stays inside the image's 2 GiB limit, so the recycle comes first
+    max_memory_per_child_mb: int = Field(700, ge=200, le=65_536)
     delivery_limit: int = Field(5, ge=1, le=1000)  #: quorum queue redeliveries before a message is dead-lettered
     prefetch_multiplier: int = Field(32, ge=1, le=4096)  #: live messages reserved per child (0 would mean unlimited)
     #: batch messages (chord chunks, ~4 MB each) reserved per child: a few keep the children busy; more would only

@@ -37,7 +37,7 @@ import numpy as np
 from ..core.network import Network
 from ..core.types import IQ, FloatArray
 
-__all__ = ["Priors", "SignalConfig", "Scenes", "draw_scenes", "render_iq", "agc_gain_db", "simulate", "scene_payloads",
+__all__ = ["Priors", "WORLDS", "SignalConfig", "Scenes", "draw_scenes", "render_iq", "agc_gain_db", "simulate", "scene_payloads",
            "fspl_db", "noise_power_dbm", "SPEED_OF_LIGHT_M_S"]
 
 SPEED_OF_LIGHT_M_S = 299_792_458.0
@@ -57,11 +57,29 @@ class Priors:
     center_freq_hz: tuple[float, float] = (144.0e6, 146.0e6)  #: uniform carrier frequency
     min_receivers: int = 3  #: fewest receivers online
 
+    @classmethod
+    def nominal(cls) -> "Priors":
+        """The world the shipped model was trained on: the defaults above."""
+        return cls()
+
+    @classmethod
+    def wide(cls) -> "Priors":
+        """A harder world than the training priors (issue: honest uncertainty off the training distribution):
+        transmitters up to 60 km outside the receivers' bounding box, path-loss exponents 1.8-4.2 (open water to
+        dense clutter), shadowing 3-10 dB, calibration errors of 1.5 dB standard deviation (about +-3 dB at two
+        sigma) and weaker transmitters, 20-55 dBm (100 mW handhelds to 300 W)."""
+        return cls(margin_m=60_000.0, tx_power_dbm=(20.0, 55.0), path_loss_exponent=(1.8, 4.2),
+                   shadowing_db=(3.0, 10.0), gain_error_db=1.5)
+
     def region(self, network: Network) -> tuple[float, float, float, float]:
         """(east_min, east_max, north_min, north_max) metres of the transmitter prior."""
         rx = network.receiver_enu()
         return (rx[:, 0].min() - self.margin_m, rx[:, 0].max() + self.margin_m,
                 rx[:, 1].min() - self.margin_m, rx[:, 1].max() + self.margin_m)
+
+
+WORLDS = {"nominal": Priors.nominal, "wide": Priors.wide}
+"""``evaluate --world``: the priors of each world, by name."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,7 +1,7 @@
 """What a worker's main process measures at scrape time, beside what its children record.
 
 * **the queues** (``celery_queue_length{queue_name}``, ``celery_active_consumer_count{queue_name}``, the
-  names celery-exporter uses): messages waiting in the live queue, the batch queue and ``heimdall.dead``,
+  names celery-exporter uses): messages ready in the live queue, the batch queue and ``heimdall.dead``,
   and their consumers, asked of the broker with a passive declare on a connection of the exporter's own
   (no extra process per worker). The answer is kept a few seconds, so that several scrapers do not each
   ask; a broker that does not answer within ``timeout_s`` gives ``heimdall_broker_up 0`` and no queue
@@ -100,7 +100,7 @@ class BrokerCollector:
         yield up
         if got is None:
             return
-        length = GaugeMetricFamily("celery_queue_length", "Messages in the queue (ready and unacknowledged)",
+        length = GaugeMetricFamily("celery_queue_length", "Messages ready in the queue (not counting those delivered and not yet acknowledged)",
                                    labels=["queue_name"])
         consumers = GaugeMetricFamily("celery_active_consumer_count", "Consumers of the queue", labels=["queue_name"])
         for name, (messages, n) in sorted(got.items()):

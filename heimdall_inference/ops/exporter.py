@@ -41,7 +41,7 @@ class MetricsExporter:
 
     def __init__(self, port: int, *, addr: str = "0.0.0.0", health: Health | None = None,
                  ready: Health | None = None, multiprocess_dir: Path | None = None, remove_dir_on_stop: bool = False,
-                 collectors: Iterable[Any] = ()) -> None:
+                 collectors: Iterable[Any] = (), before_scrape: Callable[[], None] | None = None) -> None:
         from prometheus_client import CollectorRegistry, make_wsgi_app, multiprocess
 
         self.registry = CollectorRegistry()
@@ -51,6 +51,7 @@ class MetricsExporter:
         self._metrics_app = make_wsgi_app(self.registry)
         self.health = health or (lambda: {"status": "ok"})
         self.ready = ready or self.health
+        self.before_scrape = before_scrape  #: e.g. forget the files of dead children
         self.server = make_server(addr, port, self._app, server_class=_ThreadingWSGIServer,
                                   handler_class=_QuietHandler)
         self.port: int = self.server.server_port
@@ -66,6 +67,11 @@ class MetricsExporter:
     def _app(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         if path == "/metrics":
+            if self.before_scrape is not None:
+                try:
+                    self.before_scrape()
+                except Exception:  # housekeeping must never cost a scrape
+                    log.debug("before_scrape failed", exc_info=True)
             return self._metrics_app(environ, start_response)
         if path in ("/healthz", "/readyz"):
             check, good = (self.health, "ok") if path == "/healthz" else (self.ready, "ready")

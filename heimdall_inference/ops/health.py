@@ -91,6 +91,11 @@ def worker_readiness(worker: Any, run_dir: Path | None, database: Callable[[], s
         except (OSError, ValueError):
             pass
     without = [pid for pid in children if loaded.get(str(pid)) is None]
+    if run_dir is not None:  # markers of children that are gone (killed, recycled): a reused pid must not read ready
+        for f in run_dir.glob("child-*.json"):
+            pid = f.stem.removeprefix("child-")
+            if pid.isdigit() and int(pid) not in children and int(pid) != os.getpid():
+                f.unlink(missing_ok=True)
     connected = _connected(worker)
     db = database()
     ready = bool(children) and not without and connected and db is None

@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServiceMetrics", "prepare_multiprocess_dir", "count_registry_fallback", "count_model_watch", "STAGES"]
+__all__ = ["ServiceMetrics", "prepare_multiprocess_dir", "count_registry_fallback", "count_model_watch", "STAGES",
+           "forget_dead_processes", "WATCH_RESULTS"]
 
 STAGES = ("queue", "decode", "features", "inference", "store")
 _CACHED_STAGES = ("queue", "decode", "store")
@@ -27,13 +28,22 @@ _LATENCY_BUCKETS_S = (0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5
 _DISTANCE_BUCKETS_M = (100.0, 250.0, 500.0, 1e3, 2.5e3, 5e3, 1e4, 2.5e4, 5e4, 1e5, 2.5e5)
 
 
-def count_model_watch(result: str, registry: Any = None) -> None:
-    """The main process' model watch: published (a new version for the children), refused, unreachable."""
+WATCH_RESULTS = ("published", "refused", "unreachable", "absent", "error")
+
+
+def count_model_watch(result: str | None, registry: Any = None) -> None:
+    """The main process' model watch: published (a new version for the children), refused, unreachable, absent (an
+    experiment arm not in the registry), error. ``None``: create every result's series at 0 (at start, so that
+    ``increase()`` sees the first one)."""
     from prometheus_client import Counter
 
-    Counter("heimdall_model_watch", "Checks of the served alias that found something: a new version published to "
-            "the children, a version refused, the registry unreachable", ["result"], registry=registry
-            ).labels(result=result).inc()
+    c = Counter("heimdall_model_watch", "Checks of the served aliases that found something: a new version published "
+                "to the children, a version refused, the registry unreachable, an experiment arm absent, an error",
+                ["result"], registry=registry)
+    for r in (WATCH_RESULTS if result is None else (result,)):
+        child = c.labels(result=r)
+        if result is not None:
+            child.inc()
 
 
 def count_registry_fallback(registry: Any = None) -> None:
@@ -42,6 +52,21 @@ def count_registry_fallback(registry: Any = None) -> None:
 
     Counter("heimdall_model_registry_fallbacks", "Worker starts that served the cached model version because the "
             "model registry did not answer", registry=registry).inc()
+
+
+def forget_dead_processes(folder: Path, alive: set[int]) -> None:
+    """Drop the live-gauge files of processes that are gone (a child recycled, killed by a time limit or the OOM
+    killer): their ``heimdall_model_info`` would otherwise read 1 for the model they served, for ever."""
+    from prometheus_client import multiprocess
+
+    pids = set()
+    for f in folder.glob("gauge_live*_*.db"):
+        try:
+            pids.add(int(f.stem.rsplit("_", 1)[1]))
+        except ValueError:
+            continue
+    for pid in pids - alive:
+        multiprocess.mark_process_dead(pid, str(folder))
 
 
 def prepare_multiprocess_dir() -> Path:
@@ -107,6 +132,8 @@ class ServiceMetrics:
 
         self.swaps = Counter("heimdall_model_swaps", "Model swaps in this child, by result (swapped; failed: the new "
                              "version did not load, the old one serves)", ["result"], registry=reg)
+        for result in ("swapped", "failed"):  # every series from 0: increase() sees the first swap
+            self.swaps.labels(result=result)
         self._model_labels: list[dict[str, str]] = []
 
     def model_loaded(self, name: str, version: str, alias: str | None, source: str) -> None:

@@ -61,14 +61,14 @@ def build(s: Settings) -> dict[str, Any]:
         task_track_started=False,
         # Shutdown. SIGTERM is a warm shutdown (running tasks finish, reserved ones go back unacknowledged),
         # bounded by the task time limit. A cold shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT as
-        # in the image) first gives running tasks this long (Celery's soft shutdown, also when the worker
-        # is idle), then ends them; their messages are redelivered (acks late), rows are idempotent. Keep
+        # in the image) first gives running tasks this long (Celery's soft shutdown; an idle worker stops at
+        # once), then ends them; their messages are redelivered (acks late), rows are idempotent. Keep
         # it below the orchestrator's grace period (compose stop_grace_period, Kubernetes
         # terminationGracePeriodSeconds).
         worker_soft_shutdown_timeout=s.shutdown_timeout_s,
-        worker_enable_soft_shutdown_on_idle=True,
-        # Children are recycled by memory, not by task count: the warm model is worth keeping.
-        worker_max_memory_per_child=1_500_000,  # KiB
+        # Children are recycled by memory, not by task count: the warm model is worth keeping. The threshold
+        # must come before the container's memory limit, or the OOM killer takes a child mid-task instead.
+        worker_max_memory_per_child=s.max_memory_per_child_mb * 1024,  # KiB
         worker_hijack_root_logger=False,
         # Two quorum queues on a topic exchange, dead letters to heimdall.dead (topology module): live
         # fixes on the work queue, batch work (chunks, their callback, predict_batch) on its own, so a

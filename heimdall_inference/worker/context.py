@@ -285,6 +285,11 @@ def current_service() -> Service:
             built = build_child_context(base.settings, base.metrics, base.models or (up.models if up else None),
                                         base.model_state or (up.model_state if up else None))
             ctx = base.with_(service=built.service, metrics=built.metrics, models=built.models,
-                             model_state=built.model_state, model_seen=built.model_seen)
+                             model_state=built.model_state, model_seen=built.model_seen,
+                             run_dir=base.run_dir or (up.run_dir if up else None))
             _holder.context = ctx
+            if ctx.run_dir is not None:  # built late (the signal's build failed): readiness must still see it
+                from ..ops.health import mark_child_ready
+
+                mark_child_ready(ctx.run_dir, served_models(ctx.service))
     return ctx.service  # type: ignore[return-value]

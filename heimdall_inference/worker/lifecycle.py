@@ -50,7 +50,7 @@ from ..ops.health import CachedCheck, clear_child_ready, mark_child_ready, worke
 from ..store import probe_database
 from ..ops.logs import configure_logging
 from ..ops.memory import pin_mmap_threshold
-from ..ops.metrics import count_model_watch, count_registry_fallback, prepare_multiprocess_dir
+from ..ops.metrics import count_model_watch, count_registry_fallback, forget_dead_processes, prepare_multiprocess_dir
 from ..registry.resolve import ModelSet, ResolvedModel, default_cache_dir, ref_uri, resolve_model
 from ..registry.routes import ref_of
 from ..registry.uri import parse_model_uri
@@ -173,9 +173,14 @@ def _start_exporter(worker: Any, settings: Any, run_dir: Path) -> MetricsExporte
         if probe is not None:
             collectors.append(BrokerCollector(probe))
         database = CachedCheck(lambda: probe_database(settings.database_url))
+
+        def forget_dead() -> None:
+            forget_dead_processes(folder, {os.getpid(), *(int(p) for p in (worker.pool.info or {}).get("processes", []))})
+
         return MetricsExporter(settings.metrics_port, health=lambda: worker_health(worker),
                                ready=lambda: worker_readiness(worker, run_dir, database), multiprocess_dir=folder,
-                               remove_dir_on_stop=own_folder, collectors=collectors).start()
+                               remove_dir_on_stop=own_folder, collectors=collectors,
+                               before_scrape=forget_dead).start()
     except Exception:  # no metrics is bad; no worker would be worse
         log.exception("could not start the metrics exporter on port %d", settings.metrics_port)
         return None
@@ -215,6 +220,8 @@ def _start_watch(ctx: ProcessContext, *, exported: bool) -> None:
     refused: set[tuple[str, str]] = set()
     primary = ctx.models.primary
     refs = ctx.settings.routes().refs(ref_of(parse_model_uri(primary.uri)))
+    if exported:
+        count_model_watch(None)  # every result's series from 0: an alert's increase() sees the first one
     watcher = ModelWatcher(ctx.models, state, _resolver(ctx.settings, refused=refused), refs=refs,
                            interval_s=ctx.settings.model_poll_s,
                            count=count_model_watch if exported else (lambda result: None))

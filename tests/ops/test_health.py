@@ -55,3 +55,12 @@ def test_a_cached_check_asks_at_most_once_per_ttl_and_survives_a_raising_check()
     assert c() is None and c() is None and len(calls) == 1
     time.sleep(0.25)
     assert c() == "OSError: socket closed"
+
+
+def test_markers_of_children_that_are_gone_are_dropped(tmp_path):
+    """A child killed by a time limit or the OOM killer leaves its marker; a later process with the same pid must
+    not read as ready before it loads a model."""
+    gone = tmp_path / "child-999999.json"
+    gone.write_text('{"version": "1"}')
+    worker_readiness(_worker([os.getpid()], True), tmp_path, lambda: None)
+    assert not gone.exists()

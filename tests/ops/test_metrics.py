@@ -185,3 +185,30 @@ def test_children_write_their_metrics_even_when_prometheus_client_was_imported_f
     out = subprocess.run([sys.executable, "-c", probe], env={**env, "TMPDIR": str(tmp_path)}, capture_output=True,
                          text=True, timeout=60, check=True).stdout
     assert 'heimdall_rejections_total{code="x"} 3.0' in out
+
+
+def test_the_model_gauge_of_a_dead_child_is_forgotten(tmp_path):
+    """heimdall_model_info is a live gauge: a recycled child's file kept its old version at 1 for ever."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import os\n"
+             "from heimdall_inference.ops.metrics import ServiceMetrics, forget_dead_processes, prepare_multiprocess_dir\n"
+             "d = prepare_multiprocess_dir()\n"
+             "pid = os.fork()\n"
+             "if pid == 0:\n"
+             "    ServiceMetrics(registry=None).model_loaded('m', '1', 'production', 'registry')\n"
+             "    os._exit(0)\n"
+             "os.waitpid(pid, 0)\n"
+             "from prometheus_client import CollectorRegistry, generate_latest, multiprocess\n"
+             "def text():\n"
+             "    r = CollectorRegistry(); multiprocess.MultiProcessCollector(r, path=str(d))\n"
+             "    return generate_latest(r).decode()\n"
+             "print('before', 'heimdall_model_info{' in text())\n"
+             "forget_dead_processes(d, {os.getpid()})\n"
+             "print('after', 'heimdall_model_info{' in text())\n")
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "TMPDIR": str(tmp_path)}, capture_output=True,
+                         text=True, timeout=60, check=True).stdout.split()
+    assert out == ["before", "True", "after", "False"]

@@ -96,6 +96,11 @@ class GridPosterior:
             var = spread ** 2 + self.priors.gain_error_db ** 2 + var_m  # [r]
             for expo in self.exponents:
                 loss = fspl0 + 10.0 * expo * log_d  # [G, r]: mu = Ptx - loss
+                if not unc.any():  # every receiver below detection (a weak transmitter far out): censoring alone
+                    mu_c = self.powers[None, :, None] - loss[:, None, :]  # [G, P, r]
+                    cens = log_ndtr((thresh - mu_c) / np.sqrt(var)).sum(axis=2)
+                    logw = np.logaddexp(logw, _logmeanexp(cens, axis=1) + np.log(p_hi - p_lo))
+                    continue
                 z = y_db[unc] + loss[:, unc]  # Ptx estimate from each uncensored receiver
                 w = 1.0 / var[unc]
                 a = w.sum()

@@ -224,7 +224,7 @@ class PostgresStore:
                 except psycopg.OperationalError:
                     raise
                 except psycopg.Error as exc:
-                    return done._replace(shadow_error=f"PostgreSQL refused the shadow rows: {_first_line(exc)}")
+                    return FixWrites(done.new, done.conflicts, f"PostgreSQL refused the shadow rows: {_first_line(exc)}")
             return done
 
         return self._run(go)

@@ -83,3 +83,17 @@ def test_evaluate_reports_every_figure(tmp_path):
         assert set(f[who]["coverage_pct"]) == {"0.68", "0.95"}
     assert 0 < f["ratios"]["cost_model_over_grid"] < 1
     assert "median error" in report.table()
+
+
+def test_the_grid_posterior_is_finite_when_no_receiver_hears_the_transmitter():
+    """A weak transmitter far outside the network (the wide world): every receiver censored. The posterior used to
+    divide by the uncensored receivers' total weight, zero here, and returned NaN."""
+    net = reference_network()
+    priors = Priors.wide()
+    grid = GridPosterior(net, priors, SignalConfig(), grid_step_m=8000.0)
+    slots = np.arange(4)
+    res = grid.posterior(slots, np.full(4, -140.0), np.full(4, 0.5), np.ones(4, bool), 145e6)
+    assert np.isfinite(res.mean).all() and np.isfinite(res.cov).all()
+    rx = net.receiver_enu()[slots]
+    # nothing heard anywhere: the posterior leans away from the receivers that would have heard it
+    assert np.hypot(*(res.mean - rx.mean(axis=0))) > 20_000

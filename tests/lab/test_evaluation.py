@@ -97,3 +97,20 @@ def test_the_grid_posterior_is_finite_when_no_receiver_hears_the_transmitter():
     rx = net.receiver_enu()[slots]
     # nothing heard anywhere: the posterior leans away from the receivers that would have heard it
     assert np.hypot(*(res.mean - rx.mean(axis=0))) > 20_000
+
+
+def test_evaluate_reports_the_wide_world_against_its_own_grid_posterior(tmp_path, capsys):
+    from heimdall_inference.cli import main
+
+    wide, nominal = Priors.wide(), Priors.nominal()
+    assert wide.margin_m == 2 * nominal.margin_m and wide.path_loss_exponent == (1.8, 4.2)
+    assert wide.shadowing_db == (3.0, 10.0) and wide.tx_power_dbm == (20.0, 55.0) and wide.gain_error_db == 1.5
+    out = tmp_path / "wide.json"
+    assert main(["evaluate", "--world", "wide", "--scenes", "24", "--seed", "5", "--grid-step-m", "8000",
+                 "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("world: wide") and "nan" not in text.split("cost ms per fix")[0]
+    import json
+
+    figures = json.loads(out.read_text())
+    assert figures["world"] == "wide" and figures["scenes"] == 24

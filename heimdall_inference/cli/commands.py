@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-start-worker", action="store_true", help="use workers that are already running")
     p.add_argument("--batch-max", type=int, default=32,
                    help="HEIMDALL_BATCH_MAX of the started worker: micro-batches of single tasks (1 = off)")
+    p.add_argument("--writes", action="store_true",
+                   help="single inserts, executemany and COPY into the predictions table (HEIMDALL_DATABASE_URL)")
     p.add_argument("--swap", action="store_true",
                    help="a model hot swap under open-loop load (needs MLFLOW_TRACKING_URI and the [registry] extra)")
     p.add_argument("--live-batch", type=int, default=None, metavar="N",
@@ -172,6 +174,15 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    if args.writes:
+        from ..bench.writes import bench_writes, format_writes
+        from ..settings import process_settings
+
+        report = bench_writes(process_settings().database_url, progress=lambda m: print(m, file=sys.stderr))
+        print(format_writes(report))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
+        return 0
     if args.in_process:
         from ..bench.inprocess import bench_in_process, format_in_process
 

@@ -43,3 +43,17 @@ def test_bench_command_on_the_embedded_transport(tmp_path):
     report = json.loads(out.read_text())
     assert report["accounting"]["lost"] == 0
     assert report["cold_start_to_first_fix_s"] < 30
+
+
+@pytest.mark.integration
+def test_the_writes_benchmark_stores_every_row_once_by_each_method():
+    from heimdall_inference.bench.writes import bench_writes, format_writes
+
+    from ..live import PG_URL, port_open, unavailable
+
+    if not port_open(PG_URL.split("@", 1)[1].split("/", 1)[0]):
+        unavailable("PostgreSQL")
+    r = bench_writes(PG_URL, sizes=(1, 16), repeats=2)
+    assert set(r["ms_per_row"]) == {1, 16} and all(v > 0 for m in r["ms_per_row"].values() for v in m.values())
+    assert r["rows"] == 2 * (1 + 16) * 3  # each method, each batch, every row once
+    assert "executemany" in format_writes(r)

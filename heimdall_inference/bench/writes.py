@@ -40,12 +40,13 @@ def bench_writes(database_url: str, *, sizes: Sequence[int] = (1, 16, 64, 256, 1
     fixes = loc.predict_many(scene_payloads(scenes, iq, spec.network, signal, seed=3))
     store = PostgresStore(database_url, schema=f"bench_writes_{uuid.uuid4().hex[:8]}", pool_max=1)
     info = store.init_schema()
+    table = sql.Identifier(store.schema, "predictions")
     cols = sql.SQL(", ").join(map(sql.Identifier, FIX_COLUMNS))
     stage = sql.SQL("CREATE TEMP TABLE IF NOT EXISTS heimdall_stage (LIKE {} INCLUDING DEFAULTS) "
-                    "ON COMMIT DELETE ROWS").format(store._predictions)
+                    "ON COMMIT DELETE ROWS").format(table)
     copy_in = sql.SQL("COPY heimdall_stage ({}) FROM STDIN").format(cols)
     move = sql.SQL("INSERT INTO {} ({}) SELECT {} FROM heimdall_stage ON CONFLICT (fix_key, captured_at) "
-                   "DO NOTHING").format(store._predictions, cols, cols)
+                   "DO NOTHING").format(table, cols, cols)
     counter = [0]
 
     def rows(n: int) -> list[dict[str, Any]]:

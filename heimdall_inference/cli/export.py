@@ -10,11 +10,12 @@ GeoJSON layer.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from ..store.base import since_timestamp
 
 __all__ = ["fixes_geojson", "export_geojson"]
 
@@ -54,8 +55,7 @@ def fixes_geojson(rows: Sequence[dict[str, Any]], *, ellipses: bool = True, poin
 def export_geojson(store: Any, path: Path, *, since_hours: float | None = 24.0, limit: int = 10_000,
                    ellipses: bool = True) -> dict[str, Any]:
     """Write the fixes captured in the last ``since_hours`` (None: all), newest first, at most ``limit``."""
-    since = None if since_hours is None else \
-        (datetime.now(timezone.utc) - timedelta(hours=since_hours)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    since = since_timestamp(since_hours)
     rows = store.recent_fixes(since, limit=limit)
     doc = fixes_geojson(rows, ellipses=ellipses)
     path.parent.mkdir(parents=True, exist_ok=True)

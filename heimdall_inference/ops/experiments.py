@@ -16,12 +16,12 @@ side by side takes the same receivers, hence the same origin.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
 
 from ..store import Store
+from ..store.base import since_timestamp
 
 __all__ = ["compare_shadow", "arm_shares", "experiment_report"]
 
@@ -77,7 +77,6 @@ def arm_shares(counts: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def experiment_report(store: Store, *, since_hours: float | None = 24.0, limit: int = 1_000_000) -> dict[str, Any]:
     """The arms and the shadow agreement over fixes captured in the last ``since_hours`` (None: all)."""
-    since = None if since_hours is None else \
-        (datetime.now(timezone.utc) - timedelta(hours=since_hours)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    since = since_timestamp(since_hours)
     return {"since": since, "arms": arm_shares(store.arm_counts(since)),
             "shadow": compare_shadow(store.shadow_pairs(since, limit=limit))}

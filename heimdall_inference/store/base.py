@@ -6,7 +6,7 @@ import threading
 from typing import Any, NamedTuple, Protocol
 
 __all__ = ["Store", "MemoryStore", "FixWrites", "fix_row", "shadow_row", "rejection_row", "storable_text",
-           "FIX_COLUMNS", "SHADOW_COLUMNS", "PAIR_COLUMNS", "EXPORT_COLUMNS", "REJECTION_COLUMNS", "TIMESCALEDB_MODES"]
+           "FIX_COLUMNS", "SHADOW_COLUMNS", "PAIR_COLUMNS", "EXPORT_COLUMNS", "REJECTION_COLUMNS", "TIMESCALEDB_MODES", "since_timestamp"]
 
 FIX_COLUMNS = ("captured_at", "fix_key", "task_id", "request_id", "lat", "lon", "east_m", "north_m",
                "cov_ee_m2", "cov_en_m2", "cov_nn_m2", "semi_major_95_m", "semi_minor_95_m", "orientation_95_deg",
@@ -35,6 +35,16 @@ class FixWrites(NamedTuple):
     new: int  #: rows inserted (the others were already there)
     conflicts: frozenset[int] = frozenset()  #: indexes of rows whose key was stored with another payload digest
     shadow_error: str | None = None  #: why the shadow rows were not stored (the fixes were: a shadow never fails them)
+
+
+def since_timestamp(hours: float | None) -> str | None:
+    """The capture time ``hours`` ago, as stored rows write theirs (ISO 8601 UTC, milliseconds, "Z"), for the
+    ``since`` of the read methods; None (all rows) for None."""
+    if hours is None:
+        return None
+    from datetime import datetime, timedelta, timezone
+
+    return (datetime.now(timezone.utc) - timedelta(hours=hours)).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
 def storable_text(text: str | None, limit: int | None = None) -> str | None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from .payload import DecodedPayload
 from .spec import ModelSpec
-from .quality import fix_quality
+from .quality import fix_quality, thresholds
 from .uncertainty import DEFAULT_CONFIDENCES, Ellipse, ellipse_axes, ellipse_rings_enu, geojson_polygons
 
 __all__ = ["SCHEMA_FIX", "build_fixes", "ellipse_radius", "covers"]
@@ -35,7 +35,7 @@ def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.nda
     task_ids = task_ids or [None] * len(decoded)
     model = {"name": name or spec.name, "version": version or spec.version, "alias": alias}
     quality = fix_quality(spec.network, [d.receiver_ids for d in decoded], [d.iq for d in decoded],
-                          spec.features.full_scale_dbm, mean_enu)
+                          spec.features.full_scale_dbm, mean_enu, **thresholds(spec.quality))
     out = []
     for i, d in enumerate(decoded):
         c = cov[i]

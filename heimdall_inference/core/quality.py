@@ -12,12 +12,14 @@
   ``n`` (clipped to [1.5, 5]); ``residual_db`` is the RMS residual with ``r - 2`` degrees of freedom (None
   with fewer than 3 receivers at distinct distances). Shadowing of 4-8 dB makes 3-8 dB typical; a
   receiver that is badly miscalibrated, or hears something else, pushes it up.
-* ``grade`` (``good`` / ``fair`` / ``poor``) and ``reasons``: ``poor`` when the residual exceeds
-  :data:`POOR_RESIDUAL_DB`; ``fair`` when it exceeds :data:`FAIR_RESIDUAL_DB`, when the fix lies more than
-  :data:`FAIR_OUTSIDE_M` outside the hull, or when the receivers span no area; ``good`` otherwise.
-  Measured over 2,000 simulated scenes of the nominal world (the simulator's priors; seeds 1000-1003): the
-  residual's 95th percentile is 9.4 dB and its 99.5th 13.1 dB (the two thresholds), and 20 % of fixes lie
-  more than 25 km outside the hull of their receivers. A receiver reading 20 dB too high among five or more
+* ``grade`` (``good`` / ``fair`` / ``poor``) and ``reasons``: ``poor`` when the residual exceeds the poor
+  threshold; ``fair`` when it exceeds the fair threshold, when the fix lies more than :data:`FAIR_OUTSIDE_M`
+  outside the hull, or when the receivers span no area; ``good`` otherwise. The thresholds are the 95th and
+  99.5th percentiles of the residual on the model's nominal world, measured by the training script and kept
+  in the model's metadata (``quality``: shadowing differs between bands); :data:`FAIR_RESIDUAL_DB` and
+  :data:`POOR_RESIDUAL_DB` stand in for a model without them. Measured over 2,000 simulated scenes of the 2 m
+  nominal world (seeds 1000-1003): the residual's 95th percentile is 9.4 dB and its 99.5th 13.1 dB, and 20 %
+  of fixes lie more than 25 km outside the hull of their receivers. A receiver reading 20 dB too high among five or more
   raises the residual above the fair threshold in about 41 % of scenes, against 4 % of the same scenes
   without it: the fix moves toward the outlier and hides part of its error (a leave-one-out statistic did
   worse, 6 %). The ellipse's size is not graded: it is in the fix.
@@ -32,7 +34,7 @@ import numpy as np
 
 from .network import Network
 
-__all__ = ["fix_quality", "power_residual_db", "hull_distance_m", "FAIR_RESIDUAL_DB", "POOR_RESIDUAL_DB",
+__all__ = ["fix_quality", "power_residual_db", "hull_distance_m", "hull_distances_m", "thresholds", "FAIR_RESIDUAL_DB", "POOR_RESIDUAL_DB",
            "FAIR_OUTSIDE_M", "GRADES"]
 
 FAIR_RESIDUAL_DB = 9.5  #: about the nominal world's 95th percentile of residual_db (9.4 dB over 2,000 scenes)
@@ -68,6 +70,22 @@ def _hull_edges(points: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if len(hull) < 3:
         return None
     return hull, np.roll(hull, -1, axis=0)
+
+
+def hull_distances_m(points: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`hull_distance_m`: how far each of ``p`` [n, 2] lies outside the hull of ``points`` [k, 2]
+    (0 inside; NaN everywhere when the points span no area)."""
+    edges = _hull_edges(points)
+    p = np.asarray(p, float).reshape(-1, 2)
+    if edges is None:
+        return np.full(len(p), np.nan)
+    a, b = edges
+    ab = b - a  # [h, 2]
+    ap = p[:, None, :] - a[None, :, :]  # [n, h, 2]
+    inside = np.all(ab[None, :, 0] * ap[..., 1] - ab[None, :, 1] * ap[..., 0] >= -1e-6, axis=1)
+    t = np.clip(np.einsum("nhj,hj->nh", ap, ab) / np.einsum("hj,hj->h", ab, ab), 0.0, 1.0)
+    d = np.hypot(ap[..., 0] - t * ab[None, :, 0], ap[..., 1] - t * ab[None, :, 1]).min(axis=1)
+    return np.where(inside, 0.0, d)
 
 
 def _cross(o: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
@@ -120,10 +138,17 @@ def _residuals(rx: np.ndarray, power: np.ndarray, used: np.ndarray, p: np.ndarra
     return np.where(ok, np.sqrt(res2 / np.maximum(k - 2, 1.0)), np.nan)
 
 
+def thresholds(quality: dict[str, float]) -> dict[str, float]:
+    """The residual thresholds a model's metadata gives (``spec.quality``), else the 2 m defaults."""
+    return {"fair_residual_db": float(quality.get("fair_residual_db", FAIR_RESIDUAL_DB)),
+            "poor_residual_db": float(quality.get("poor_residual_db", POOR_RESIDUAL_DB))}
+
+
 def fix_quality(network: Network, receiver_ids: Sequence[Sequence[str]], iq: Sequence[np.ndarray],
-                full_scale_dbm: float, mean_enu: np.ndarray) -> list[dict[str, Any]]:
+                full_scale_dbm: float, mean_enu: np.ndarray, *, fair_residual_db: float = FAIR_RESIDUAL_DB,
+                poor_residual_db: float = POOR_RESIDUAL_DB) -> list[dict[str, Any]]:
     """The ``quality`` field of each fix: ``receiver_ids[b]`` heard it with IQ ``iq[b]`` [r, n] complex64
-    (full-scale units); its position is ``mean_enu[b]`` (metres)."""
+    (full-scale units); its position is ``mean_enu[b]`` (metres). The residual thresholds are the model's."""
     b, r = len(receiver_ids), len(network)
     if b == 0:
         return []
@@ -148,9 +173,9 @@ def fix_quality(network: Network, receiver_ids: Sequence[Sequence[str]], iq: Seq
             reasons.append("the receivers span no area")
         elif outside > FAIR_OUTSIDE_M:
             reasons.append(f"{outside / 1e3:.0f} km outside the receivers' hull")
-        if res is not None and res > FAIR_RESIDUAL_DB:
+        if res is not None and res > fair_residual_db:
             reasons.append(f"the receivers disagree with the path-loss law ({res:.1f} dB rms)")
-        grade = "poor" if res is not None and res > POOR_RESIDUAL_DB else "fair" if reasons else "good"
+        grade = "poor" if res is not None and res > poor_residual_db else "fair" if reasons else "good"
         out.append({"grade": grade, "outside_hull_m": None if outside is None else round(outside, 1),
                     "residual_db": None if res is None else round(res, 2), "reasons": reasons})
     return out

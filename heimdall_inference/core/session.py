@@ -18,12 +18,34 @@ from ..errors import InferenceError, ModelLoadError
 from .spec import METADATA_KEY, ModelSpec
 from .types import Features, Mask
 
-__all__ = ["ModelSession", "SessionOptions", "default_model_path"]
+__all__ = ["ModelSession", "SessionOptions", "default_model_path", "shipped_model_path", "shipped_models", "card_path",
+           "SHIPPED_MODELS"]
+
+SHIPPED_MODELS = {"2m": "localization_model.onnx", "70cm": "localization_model_70cm.onnx"}
+"""The reference models shipped inside the package, one per band of the network."""
+
+
+def shipped_model_path(band: str = "2m") -> Path:
+    """The reference model of ``band`` shipped inside the package."""
+    return Path(__file__).resolve().parent.parent / "models" / SHIPPED_MODELS[band]
+
+
+def shipped_models() -> dict[str, Path]:
+    """Every shipped model by band."""
+    return {band: shipped_model_path(band) for band in SHIPPED_MODELS}
 
 
 def default_model_path() -> Path:
-    """The reference model shipped inside the package."""
-    return Path(__file__).resolve().parent.parent / "models" / "localization_model.onnx"
+    """The reference model shipped inside the package for the network's main band (2 m)."""
+    return shipped_model_path("2m")
+
+
+def card_path(model_path: Path) -> Path:
+    """The model card beside a model file: ``MODEL_CARD.md`` for ``localization_model.onnx``,
+    ``MODEL_CARD_<x>.md`` for ``localization_model_<x>.onnx``, else ``MODEL_CARD.md``."""
+    stem = Path(model_path).stem
+    suffix = stem[len("localization_model"):] if stem.startswith("localization_model_") else ""
+    return Path(model_path).with_name(f"MODEL_CARD{suffix}.md")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -36,6 +36,9 @@ class ModelSpec:
     uncertainty: dict[str, Any] = field(default_factory=lambda: {"family": "gaussian"})
     card: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    #: the quality flag's residual thresholds for this model's band (:mod:`.quality`), measured by the training
+    #: script on its nominal world: {"fair_residual_db": 95th percentile, "poor_residual_db": 99.5th}
+    quality: dict[str, Any] = field(default_factory=dict)
 
     @property
     def dof(self) -> float | None:
@@ -66,6 +69,7 @@ class ModelSpec:
             "uncertainty": self.uncertainty,
             "card": self.card,
             "training": self.training,
+            "quality": self.quality,
         }
 
     def to_json(self) -> str:
@@ -88,6 +92,7 @@ class ModelSpec:
                 max_resample_ratio=int(signal.get("max_resample_ratio", 8)),
                 uncertainty=dict(doc.get("uncertainty") or {"family": "gaussian"}),
                 card=dict(doc.get("card") or {}), training=dict(doc.get("training") or {}),
+                quality={k: float(v) for k, v in (doc.get("quality") or {}).items()},
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelLoadError(f"model metadata breaks the contract: {exc}") from exc

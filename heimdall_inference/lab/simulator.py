@@ -1,10 +1,12 @@
 """RF scene simulator: what the receiver network hears from one transmitter.
 
-Physics (every draw is per scene unless said otherwise; the ranges are :class:`Priors`' defaults):
+Physics (every draw is per scene unless said otherwise; the ranges are the 2 m band's nominal world,
+:meth:`Priors.nominal`; :data:`WORLDS` and :data:`BANDS` list the others):
 
 * **Transmitter position**: uniform over the receivers' bounding box grown by ``margin_m`` (30 km)
-  on every side, i.e. inside the network or up to ~30-90 km outside its hull, on the tangent plane
-  at the network origin (see :mod:`heimdall_inference.core.network`).
+  on every side, i.e. inside the network or up to ~30-100 km outside its hull (half of them within 19 km
+  of it), on the tangent plane at the network origin (see :mod:`heimdall_inference.core.network`); a
+  world may add every point within ``hull_margin_m`` of the receivers' convex hull to that box.
 * **Transmit power** (EIRP): uniform in [30, 50] dBm (1 W to 100 W); unknown to every estimator.
 * **Path loss**: log-distance, ``PL(d) = FSPL(d0, f) + 10 n log10(d / d0)`` with ``d0`` = 1 km
   (``d`` is clipped below at ``d0``), ``FSPL(d0, f) = 20 log10(4 pi d0 f / c)`` and the exponent
@@ -13,8 +15,14 @@ Physics (every draw is per scene unless said otherwise; the ranges are :class:`P
   deviation ``sigma`` drawn uniform in [4, 8] dB per scene.
 * **Receiver gain error**: Gaussian, 1 dB standard deviation, independent per receiver and scene
   (calibration residual; the ``gain_db`` a payload carries is the *known* digital gain, removed).
-* **Thermal noise**: complex white Gaussian, ``-174 dBm/Hz + 10 log10(sample_rate_hz) + NF`` with a
-  noise figure of 8 dB (-125.2 dBm in 12 kHz), independent per receiver.
+* **Faulty receivers** (none in the nominal worlds): in a share ``miscalibrated_share`` of scenes one
+  online receiver (uniform among them) is badly miscalibrated, its gain off by a further
+  Gaussian error of ``miscalibration_db`` (10 dB) standard deviation (a wrong attenuator setting, a
+  preamplifier switched off, a damaged feed line); in a further, disjoint share ``deaf_share`` one
+  online receiver hears only its own noise (antenna disconnected, feed line open): it still sends a
+  snippet, with no signal in it. At most one faulty receiver per scene.
+* **Thermal noise**: complex white Gaussian, ``-174 dBm/Hz + 10 log10(sample_rate_hz) + NF`` with an
+  effective noise figure of 8 dB at 2 m (-125.2 dBm in 12 kHz), independent per receiver.
 * **Signal**: narrowband FM, voice-like: a carrier offset uniform in +-500 Hz (plus a per-receiver
   local-oscillator error of 50 Hz rms), modulated by three tones in 300-2500 Hz with random
   amplitudes and a peak deviation uniform in [1, 2.5] kHz; each receiver sees its own carrier phase.
@@ -24,23 +32,51 @@ Physics (every draw is per scene unless said otherwise; the ranges are :class:`P
   it as ``gain_db`` and quantise to int16 (full scale 32768); ``complex64`` receivers send float32 IQ
   at unit gain. Full scale ``|x| = 1`` stands for ``full_scale_dbm`` (the model metadata says which).
 
-Everything is reproducible from a seed (numpy ``default_rng``). :func:`simulate` returns the truth
-beside the IQ; :mod:`heimdall_inference.core.codec` turns a scene into a ``heimdall.iq/v1`` payload.
+**The two bands** (:data:`BANDS`; the receivers listen on both, through the same front end and feature
+plan). What changes with frequency, and why:
+
+* 2 m, 144-146 MHz: as above. The effective noise figure of 8 dB is the receiver's (~3-5 dB with its
+  feed line) raised by external noise: ITU-R P.372 puts galactic noise at about 2 dB and rural man-made
+  noise at about 7 dB above kTB at 145 MHz.
+* 70 cm, 430-440 MHz: free-space loss at 1 km is 9.5 dB higher (20 log10 of the frequency ratio, from
+  the formula, not a setting); diffraction over terrain and clutter loss grow with frequency, so the
+  exponent is drawn from [2.4, 4.0] and the shadowing spread from [5, 9] dB; external noise falls
+  below the receiver's own (P.372: galactic about -9 dB, rural man-made about -6 dB above kTB at
+  435 MHz) while feed-line loss grows, so the effective noise figure is 6 dB (-127.2 dBm in 12 kHz).
+  Transmit powers are the same as at 2 m (handhelds to mobiles).
+
+**The two worlds** (:data:`WORLDS`): *nominal*, the priors above; *wide*, harder than the nominal
+priors on every axis: transmitters also anywhere up to 60 km outside the receivers' convex hull (the
+nominal box, which reaches up to 100 km out at its corners, stays in: a quarter of the wide world's
+transmitters lie outside it, 6 % more than 60 km from the hull), exponents 0.4
+wider on each side (1.8-4.2 at 2 m), shadowing spreads 1 dB lower and 2 dB higher (3-10 dB at 2 m),
+calibration errors of 1.5 dB standard deviation (about +-3 dB at two sigma), transmit powers of 20-55 dBm
+(100 mW handhelds to 300 W), and faulty receivers: one badly miscalibrated in 10 % of scenes, one
+hearing only noise in 5 %.
+
+Everything is reproducible from a seed (numpy ``default_rng``); the nominal worlds draw nothing for
+faults, so their scenes are the same for a seed whatever the fault settings' code. :func:`simulate`
+returns the truth beside the IQ; :mod:`heimdall_inference.core.codec` turns a scene into a
+``heimdall.iq/v1`` payload.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from ..core.network import Network
 from ..core.types import IQ, FloatArray
 
-__all__ = ["Priors", "WORLDS", "SignalConfig", "Scenes", "draw_scenes", "render_iq", "agc_gain_db", "simulate", "scene_payloads",
+__all__ = ["Priors", "WORLDS", "BANDS", "SignalConfig", "Scenes", "draw_scenes", "render_iq", "agc_gain_db", "simulate", "scene_payloads",
            "fspl_db", "noise_power_dbm", "SPEED_OF_LIGHT_M_S"]
 
 SPEED_OF_LIGHT_M_S = 299_792_458.0
+
+
+BANDS: dict[str, tuple[float, float]] = {"2m": (144.0e6, 146.0e6), "70cm": (430.0e6, 440.0e6)}
+"""The network's bands: centre frequencies (Hz) of each, by name."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +84,8 @@ class Priors:
     """The simulator's priors; the grid posterior of :mod:`evaluation` marginalises the same ones."""
 
     margin_m: float = 30_000.0  #: transmitter region: receivers' bounding box grown by this much
+    #: and also every point within this distance of the receivers' convex hull (0: the box alone)
+    hull_margin_m: float = 0.0
     tx_power_dbm: tuple[float, float] = (30.0, 50.0)  #: uniform EIRP range
     path_loss_exponent: tuple[float, float] = (2.2, 3.8)  #: uniform per scene
     shadowing_db: tuple[float, float] = (4.0, 8.0)  #: uniform per scene: std of per-receiver shadowing
@@ -56,30 +94,78 @@ class Priors:
     noise_figure_db: float = 8.0  #: receiver noise figure
     center_freq_hz: tuple[float, float] = (144.0e6, 146.0e6)  #: uniform carrier frequency
     min_receivers: int = 3  #: fewest receivers online
+    miscalibrated_share: float = 0.0  #: share of scenes with one online receiver badly miscalibrated
+    miscalibration_db: float = 10.0  #: std of that receiver's further gain error
+    deaf_share: float = 0.0  #: share of scenes (disjoint from the above) with one online receiver hearing only noise
+    band: str = "2m"  #: the band's name (:data:`BANDS`)
+    world: str = "nominal"  #: the world's name (:data:`WORLDS`), for reports
 
     @classmethod
-    def nominal(cls) -> "Priors":
-        """The world the shipped model was trained on: the defaults above."""
-        return cls()
+    def nominal(cls, band: str = "2m") -> "Priors":
+        """The world a band's model is trained on first: the physics of the module docstring."""
+        if band == "2m":
+            return cls()
+        if band == "70cm":
+            return cls(band="70cm", center_freq_hz=BANDS["70cm"], path_loss_exponent=(2.4, 4.0),
+                       shadowing_db=(5.0, 9.0), noise_figure_db=6.0)
+        raise ValueError(f"unknown band {band!r}; the network's bands are {sorted(BANDS)}")
 
     @classmethod
-    def wide(cls) -> "Priors":
-        """A harder world than the training priors (issue: honest uncertainty off the training distribution):
-        transmitters up to 60 km outside the receivers' bounding box, path-loss exponents 1.8-4.2 (open water to
-        dense clutter), shadowing 3-10 dB, calibration errors of 1.5 dB standard deviation (about +-3 dB at two
-        sigma) and weaker transmitters, 20-55 dBm (100 mW handhelds to 300 W)."""
-        return cls(margin_m=60_000.0, tx_power_dbm=(20.0, 55.0), path_loss_exponent=(1.8, 4.2),
-                   shadowing_db=(3.0, 10.0), gain_error_db=1.5)
+    def wide(cls, band: str = "2m") -> "Priors":
+        """A harder world than the nominal one (honest uncertainty off the training distribution): transmitters also
+        anywhere up to 60 km outside the receivers' convex hull (the nominal box stays in it: a superset), exponents
+        0.4 wider on each side, shadowing spreads 1 dB lower and 2 dB higher, calibration errors of 1.5 dB standard
+        deviation (about +-3 dB at two sigma), weaker and stronger transmitters (20-55 dBm: 100 mW handhelds to
+        300 W), one receiver badly miscalibrated (10 dB rms) in 10 % of scenes and one hearing only noise in 5 %."""
+        base = cls.nominal(band)
+        n0, n1 = base.path_loss_exponent
+        s0, s1 = base.shadowing_db
+        return replace(base, world="wide", hull_margin_m=60_000.0, tx_power_dbm=(20.0, 55.0),
+                       path_loss_exponent=(round(n0 - 0.4, 6), round(n1 + 0.4, 6)),
+                       shadowing_db=(s0 - 1.0, s1 + 2.0), gain_error_db=1.5,
+                       miscalibrated_share=0.10, deaf_share=0.05)
+
+    @classmethod
+    def preset(cls, world: str = "nominal", band: str = "2m") -> "Priors":
+        """The priors of a world (:data:`WORLDS`) in a band (:data:`BANDS`)."""
+        if world not in WORLDS:
+            raise ValueError(f"unknown world {world!r}; the worlds are {sorted(WORLDS)}")
+        return WORLDS[world](band)
+
+    @property
+    def faults(self) -> bool:
+        """Does this world have faulty receivers?"""
+        return self.miscalibrated_share > 0 or self.deaf_share > 0
+
+    def to_dict(self) -> dict:
+        """JSON-ready (the model card and the training cache key)."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
 
     def region(self, network: Network) -> tuple[float, float, float, float]:
-        """(east_min, east_max, north_min, north_max) metres of the transmitter prior."""
+        """(east_min, east_max, north_min, north_max) metres: the rectangle that holds the transmitter prior (the box
+        grown by ``margin_m``, and the hull's ``hull_margin_m`` neighbourhood if it reaches further)."""
         rx = network.receiver_enu()
-        return (rx[:, 0].min() - self.margin_m, rx[:, 0].max() + self.margin_m,
-                rx[:, 1].min() - self.margin_m, rx[:, 1].max() + self.margin_m)
+        m = max(self.margin_m, self.hull_margin_m)
+        return (rx[:, 0].min() - m, rx[:, 0].max() + m, rx[:, 1].min() - m, rx[:, 1].max() + m)
+
+    def contains(self, network: Network, east_m: FloatArray, north_m: FloatArray) -> np.ndarray:
+        """Which points lie in the transmitter prior: the receivers' box grown by ``margin_m``, or within
+        ``hull_margin_m`` of their convex hull."""
+        from ..core.quality import hull_distances_m
+
+        rx = network.receiver_enu()
+        e, n = np.asarray(east_m, float), np.asarray(north_m, float)
+        m = self.margin_m
+        inside = ((e >= rx[:, 0].min() - m) & (e <= rx[:, 0].max() + m) &
+                  (n >= rx[:, 1].min() - m) & (n <= rx[:, 1].max() + m))
+        if self.hull_margin_m > 0 and not inside.all():
+            out = ~inside
+            inside[out] = hull_distances_m(rx, np.stack([e[out], n[out]], axis=1)) <= self.hull_margin_m
+        return inside
 
 
 WORLDS = {"nominal": Priors.nominal, "wide": Priors.wide}
-"""``evaluate --world``: the priors of each world, by name."""
+"""``evaluate --world``: the priors of each world, by name (each takes the band)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,8 +199,10 @@ class Scenes:
     shadowing_db: FloatArray  #: [S] std of this scene's shadowing
     center_freq_hz: FloatArray  #: [S]
     online: np.ndarray  #: [S, R] bool
-    rx_power_dbm: FloatArray  #: [S, R] received signal power, incl. shadowing and gain error
+    rx_power_dbm: FloatArray  #: [S, R] received signal power, incl. shadowing and gain error (-inf: hears only noise)
     noise_power_dbm: float  #: thermal noise over the sampled band
+    miscalibrated: np.ndarray | None = None  #: [S] the slot of the badly miscalibrated receiver, -1 for none
+    deaf: np.ndarray | None = None  #: [S] the slot of the receiver hearing only noise, -1 for none
     extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -131,9 +219,16 @@ class Scenes:
             "shadowing_db": float(self.shadowing_db[i]),
             "center_freq_hz": float(self.center_freq_hz[i]),
             "online": [ids[r] for r in np.flatnonzero(self.online[i])],
-            "rx_power_dbm": {ids[r]: float(self.rx_power_dbm[i, r]) for r in np.flatnonzero(self.online[i])},
+            "rx_power_dbm": {ids[r]: (float(self.rx_power_dbm[i, r]) if np.isfinite(self.rx_power_dbm[i, r]) else None)
+                             for r in np.flatnonzero(self.online[i])},
             "noise_power_dbm": float(self.noise_power_dbm),
+            "miscalibrated": self._slot_id(self.miscalibrated, i, ids),
+            "deaf": self._slot_id(self.deaf, i, ids),
         }
+
+    @staticmethod
+    def _slot_id(slots: np.ndarray | None, i: int, ids: tuple[str, ...]) -> str | None:
+        return ids[int(slots[i])] if slots is not None and slots[i] >= 0 else None
 
 
 def fspl_db(distance_m: FloatArray | float, freq_hz: FloatArray | float) -> FloatArray:
@@ -161,6 +256,11 @@ def draw_scenes(network: Network, priors: Priors, signal: SignalConfig, count: i
     e0, e1, n0, n1 = priors.region(network)
     east = rng.uniform(e0, e1, count)
     north = rng.uniform(n0, n1, count)
+    out = ~priors.contains(network, east, north)  # uniform over the region: redraw what fell outside it
+    while out.any():  # (the box alone never redraws: a nominal world's random stream is the same as ever)
+        east[out] = rng.uniform(e0, e1, int(out.sum()))
+        north[out] = rng.uniform(n0, n1, int(out.sum()))
+        out[out] = ~priors.contains(network, east[out], north[out])
     lat, lon = network.to_geodetic(east, north)
     ptx = rng.uniform(*priors.tx_power_dbm, count)
     expo = rng.uniform(*priors.path_loss_exponent, count)
@@ -176,10 +276,24 @@ def draw_scenes(network: Network, priors: Priors, signal: SignalConfig, count: i
     order = np.argsort(rng.random((count, r)), axis=1)
     online = np.zeros((count, r), bool)
     np.put_along_axis(online, order, np.arange(r)[None, :] < k[:, None], axis=1)
+    rx_power = mean_db + shadow + gain_err
+    miscalibrated = deaf = None
+    if priors.faults:  # drawn only where the world has faults: a nominal world's scenes do not depend on them
+        u = rng.random(count)
+        # the faulty receiver: uniform among the online ones (order[:, :k] are the online slots)
+        which = order[np.arange(count), np.minimum((rng.random(count) * k).astype(int), k - 1)]
+        offset = rng.standard_normal(count) * priors.miscalibration_db
+        bad = u < priors.miscalibrated_share
+        dead = (u >= priors.miscalibrated_share) & (u < priors.miscalibrated_share + priors.deaf_share)
+        miscalibrated = np.where(bad, which, -1)
+        deaf = np.where(dead, which, -1)
+        rows = np.arange(count)
+        rx_power[rows[bad], which[bad]] += offset[bad]
+        rx_power[rows[dead], which[dead]] = -np.inf
     return Scenes(east_m=east, north_m=north, lat=lat, lon=lon, tx_power_dbm=ptx, path_loss_exponent=expo,
-                  shadowing_db=sigma, center_freq_hz=freq, online=online,
-                  rx_power_dbm=mean_db + shadow + gain_err,
-                  noise_power_dbm=noise_power_dbm(signal.sample_rate_hz, priors.noise_figure_db))
+                  shadowing_db=sigma, center_freq_hz=freq, online=online, rx_power_dbm=rx_power,
+                  noise_power_dbm=noise_power_dbm(signal.sample_rate_hz, priors.noise_figure_db),
+                  miscalibrated=miscalibrated, deaf=deaf)
 
 
 def render_iq(scenes: Scenes, signal: SignalConfig, rng: np.random.Generator) -> IQ:

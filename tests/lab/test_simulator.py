@@ -68,3 +68,68 @@ def test_payloads_carry_only_online_receivers_and_truth(net):
         assert all(r["iq"]["dtype"] == "ci16" and "gain_db" in r for r in doc["receivers"])
     with pytest.raises(ValueError):
         scene_payloads(sc, iq, net, sig, seed=8, dtype="cu8")
+
+
+def test_the_worlds_and_bands(net):
+    nominal, wide = Priors.nominal(), Priors.wide()
+    assert nominal == Priors() and not nominal.faults and wide.faults and wide.world == "wide"
+    assert wide.margin_m == nominal.margin_m and wide.hull_margin_m == 60_000.0 and wide.path_loss_exponent == (1.8, 4.2)
+    assert wide.shadowing_db == (3.0, 10.0) and wide.tx_power_dbm == (20.0, 55.0) and wide.gain_error_db == 1.5
+    uhf = Priors.nominal("70cm")
+    assert uhf.center_freq_hz == (430e6, 440e6) and uhf.noise_figure_db == 6.0 and uhf.path_loss_exponent == (2.4, 4.0)
+    assert Priors.preset("wide", "70cm").path_loss_exponent == (2.0, 4.4)
+    # free-space loss at 1 km grows by 20 log10 of the frequency ratio: 9.5 dB from 145 to 435 MHz
+    assert fspl_db(1000.0, 435e6) - fspl_db(1000.0, 145e6) == pytest.approx(9.54, abs=0.01)
+    assert noise_power_dbm(12_000.0, uhf.noise_figure_db) == pytest.approx(-127.2, abs=0.05)
+    sc, _ = simulate(net, 200, seed=3, priors=uhf)
+    assert np.all((sc.center_freq_hz >= 430e6) & (sc.center_freq_hz <= 440e6)) and sc.miscalibrated is None
+    with pytest.raises(ValueError):
+        Priors.preset("wide", "6m")
+
+
+def test_the_wide_world_has_faulty_receivers_in_its_shares(net):
+    n = 6000
+    sc, _ = simulate(net, n, seed=21, priors=Priors.wide())
+    bad, deaf = sc.miscalibrated >= 0, sc.deaf >= 0
+    for share, seen in ((0.10, bad.mean()), (0.05, deaf.mean())):
+        assert abs(seen - share) < 4 * np.sqrt(share * (1 - share) / n), (share, seen)
+    assert not (bad & deaf).any()  # at most one faulty receiver per scene
+    rows = np.flatnonzero(bad)
+    assert sc.online[rows, sc.miscalibrated[rows]].all()
+    rows = np.flatnonzero(deaf)
+    assert sc.online[rows, sc.deaf[rows]].all() and np.isneginf(sc.rx_power_dbm[rows, sc.deaf[rows]]).all()
+
+
+def test_a_deaf_receiver_sends_only_noise(net):
+    sig = SignalConfig()
+    sc, iq = simulate(net, 400, seed=8, priors=Priors.wide(), signal=sig)
+    i = int(np.flatnonzero(sc.deaf >= 0)[0])
+    r = int(sc.deaf[i])
+    p_dbm = 10 * np.log10(np.mean(np.abs(iq[i, r].astype(np.complex128)) ** 2)) + sig.full_scale_dbm
+    assert p_dbm == pytest.approx(sc.noise_power_dbm, abs=0.3)
+    truth = sc.truth(i, net)
+    assert truth["deaf"] == net.ids[r] and truth["rx_power_dbm"][net.ids[r]] is None
+    import json
+
+    json.dumps(truth)  # JSON-serialisable, no -inf
+
+
+def test_the_wide_world_reaches_60_km_outside_the_hull_and_holds_the_nominal_box(net):
+    from heimdall_inference.core.quality import hull_distances_m
+
+    wide, nominal = Priors.wide(), Priors.nominal()
+    sc, _ = simulate(net, 3000, seed=31, priors=wide)
+    rx = net.receiver_enu()
+    out = hull_distances_m(rx, np.stack([sc.east_m, sc.north_m], axis=1))
+    in_box = nominal.contains(net, sc.east_m, sc.north_m)
+    assert np.all(in_box | (out <= 60_000.0 + 1e-6)) and wide.contains(net, sc.east_m, sc.north_m).all()
+    assert 0.18 < (~in_box).mean() < 0.30 and out.max() > 55_000.0  # a quarter outside the nominal box
+    # the nominal box is inside the wide world: every nominal draw is a wide one
+    nom, _ = simulate(net, 500, seed=32, priors=nominal)
+    assert wide.contains(net, nom.east_m, nom.north_m).all()
+    # uniform over the region: as many draws per km2 inside the box as outside it
+    e0, e1, n0, n1 = wide.region(net)
+    grid = np.stack(np.meshgrid(np.linspace(e0, e1, 300), np.linspace(n0, n1, 300)), -1).reshape(-1, 2)
+    inside_wide = wide.contains(net, grid[:, 0], grid[:, 1])
+    share_box_area = nominal.contains(net, grid[:, 0], grid[:, 1]).sum() / inside_wide.sum()
+    assert abs(in_box.mean() - share_box_area) < 4 * np.sqrt(share_box_area * (1 - share_box_area) / 3000)

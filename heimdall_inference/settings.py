@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .registry.routes import Routes, parse_routes
 from .registry.uri import parse_model_uri
 
-__all__ = ["Settings", "ENV_PREFIX", "process_settings", "set_process_settings", "redact_url"]
+__all__ = ["Settings", "ENV_PREFIX", "process_settings", "set_process_settings", "redact_url", "parse_band_models"]
 
 ENV_PREFIX = "HEIMDALL_"
 _RABBITMQ_CONSUMER_TIMEOUT_S = 30 * 60  #: RabbitMQ's default consumer_timeout: a task must end well before it
@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     model_shadow: str = Field("", max_length=64)
     #: refs a payload's options.model may ask for besides the served model and the split's arms: "challenger,7"
     model_allow: str = Field("", max_length=512)
+    #: the models of the network's other bands, beside HEIMDALL_MODEL_URI's: comma-separated model URIs (a file,
+    #: models:/<name>@<alias>, shipped:<band>), each serving the centre frequencies its metadata declares; "shipped"
+    #: (the default) stands for every model shipped in the package (2 m and 70 cm; the served model's own band is
+    #: left to it); "none" for none (a payload of another band is then unsupported_frequency)
+    band_models: str = Field("shipped", max_length=2048)
     onnx_threads: int = Field(1, ge=1, le=64)  #: intra-op threads per worker child (children x threads <= cores)
     onnx_providers: str = Field("CPUExecutionProvider", min_length=1)  #: comma-separated execution providers, in order
     max_payload_bytes: int = Field(8 * 1024 * 1024, ge=1024, le=256 * 1024 * 1024)  #: cap on one serialized payload
@@ -114,6 +119,7 @@ class Settings(BaseSettings):
         if a == b or b.startswith(a + "."):  # each is bound as "<name>.#": one would receive the other's messages
             raise ValueError(f"queue ({self.queue!r}) and batch_queue ({self.batch_queue!r}) must differ, and neither "
                              "may start with the other's name and a dot (live fixes would wait behind batch work)")
+        self.band_model_uris()
         if self.routes().active and parse_model_uri(self.model_uri or self.model_path).kind != "registry":
             raise ValueError("HEIMDALL_MODEL_SPLIT, HEIMDALL_MODEL_SHADOW and HEIMDALL_MODEL_ALLOW name versions of a "
                              "registered model: set HEIMDALL_MODEL_URI=models:/<name>@<alias>")
@@ -122,6 +128,10 @@ class Settings(BaseSettings):
     def routes(self) -> Routes:
         """The A/B split, shadow and allow-list (:mod:`~heimdall_inference.registry.routes`); ConfigError if invalid."""
         return parse_routes(self.model_split, self.model_shadow, self.model_allow)
+
+    def band_model_uris(self) -> tuple[str, ...]:
+        """HEIMDALL_BAND_MODELS as model URIs, in the order given ("shipped" expanded); ConfigError if one is invalid."""
+        return parse_band_models(self.band_models)
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "Settings":
@@ -160,6 +170,30 @@ class Settings(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The settings with the passwords in URLs replaced by ``***`` (for logs and reports)."""
         return {k: _redact(v) if isinstance(v, str) else v for k, v in self.model_dump().items()}
+
+
+def parse_band_models(text: str) -> tuple[str, ...]:
+    """``HEIMDALL_BAND_MODELS`` -> model URIs: "shipped" becomes ``shipped:<band>`` for every shipped model, "none" (or
+    nothing) none; each other entry must be a model URI (:func:`~heimdall_inference.registry.uri.parse_model_uri`)."""
+    from .registry.uri import SHIPPED_BANDS
+
+    out: list[str] = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry or entry == "none":
+            continue
+        expanded = [f"shipped:{b}" for b in SHIPPED_BANDS] if entry == "shipped" else [entry]
+        for uri in expanded:
+            try:
+                parsed = parse_model_uri(uri)
+            except ConfigError as exc:
+                raise ValueError(f"HEIMDALL_BAND_MODELS: {exc}") from None
+            if parsed.kind == "shipped" and parsed.path is None:
+                raise ValueError(f"HEIMDALL_BAND_MODELS: {entry!r} is not a model URI")
+            if uri not in out:
+                out.append(uri)
+    if len(out) > 8:
+        raise ValueError(f"HEIMDALL_BAND_MODELS names {len(out)} models; at most 8")
+    return tuple(out)
 
 
 def redact_url(text: str) -> str:

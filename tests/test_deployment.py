@@ -49,6 +49,7 @@ def test_compose_file_is_valid_and_complete(tmp_path):
     assert worker["environment"]["HEIMDALL_METRICS_PORT"] == "9808"
     # the model lifecycle: workers serve the registry's production alias, registered on the first start
     assert worker["environment"]["HEIMDALL_MODEL_URI"] == "models:/localization_model@production"
+    assert worker["environment"]["HEIMDALL_BAND_MODELS"] == "models:/localization_model_70cm@production"
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     assert worker["depends_on"]["model-register"]["condition"] == "service_completed_successfully"
     reg = services["model-register"]

@@ -6,6 +6,8 @@
     heimdall-inference model promote VERSION --alias production  # also how to roll back: the previous version
     heimdall-inference model list
     heimdall-inference model bootstrap [FILE] --alias production  # register + promote, only if the alias is unset
+                                                                 # (no FILE, no --name: every shipped model, 2 m
+                                                                 # and 70 cm, each under its own name)
     heimdall-inference model reload                              # workers check their alias now (HEIMDALL_* broker)
     heimdall-inference model compare [--since-hours 24]          # A/B arms and shadow agreement, from the database
 
@@ -85,21 +87,30 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("model promote VERSION --alias ALIAS")
         out = reg.promote(args.target, args.alias, name=name).to_dict()
     elif args.action == "bootstrap":  # a deployment's first start: idempotent
-        from ..core.session import default_model_path
-        from ..errors import RegistryUnavailable, RegistryError
+        from ..core.session import ModelSession, shipped_models
 
         alias = args.alias or "production"
-        try:
-            out = {"registered": False, **reg.get(name, alias=alias).to_dict()}
-        except RegistryUnavailable:
-            raise
-        except RegistryError:  # no such model or alias yet
-            v = reg.register(Path(args.target) if args.target else default_model_path(), name=name, card=args.card)
-            out = {"registered": True, **reg.promote(v.version, alias, name=name).to_dict()}
+        if args.target or args.name:
+            out = _bootstrap(reg, Path(args.target) if args.target else shipped_models()["2m"], name, alias, args.card)
+        else:  # every shipped model (one per band), each under the name its metadata gives
+            out = [_bootstrap(reg, path, ModelSession(path).spec.name, alias, None) for path in shipped_models().values()]
     else:
         out = [v.to_dict() for v in reg.versions(name)]
     print(json.dumps(out, indent=2))
     return 0
+
+
+def _bootstrap(reg: Any, path: Path, name: str, alias: str, card: Path | None) -> dict[str, Any]:
+    """Register ``path`` as ``name`` and point ``alias`` at it, unless the alias is set already."""
+    from ..errors import RegistryError, RegistryUnavailable
+
+    try:
+        return {"registered": False, **reg.get(name, alias=alias).to_dict()}
+    except RegistryUnavailable:
+        raise
+    except RegistryError:  # no such model or alias yet
+        v = reg.register(path, name=name, card=card)
+        return {"registered": True, **reg.promote(v.version, alias, name=name).to_dict()}
 
 
 def compare(since_hours: float) -> int:

@@ -81,9 +81,20 @@ class Localizer:
     def same_inputs(self, other: "Localizer") -> bool:
         """Do both models take the same payloads and features (receivers, signal, feature plan)? Then one
         decode and one feature pass serve both (A/B arms, a shadow model)."""
+        return self.same_payloads(other) and self.spec.features == other.spec.features and \
+            self.spec.bands_hz == other.spec.bands_hz
+
+    def same_payloads(self, other: "Localizer") -> bool:
+        """Can one decoder serve both, whatever their bands and feature plans (receivers, sample rate, snippet
+        length, fewest receivers, resampling)? Then a worker decodes once and routes by band (a model per band)."""
         a, b = self.spec, other.spec
-        return (a.network.to_dict(), a.features, a.bands_hz, a.min_receivers, a.max_resample_ratio) == \
-            (b.network.to_dict(), b.features, b.bands_hz, b.min_receivers, b.max_resample_ratio)
+        return (a.network.to_dict(), a.sample_rate_hz, a.snippet_samples, a.features.full_scale_dbm, a.min_receivers,
+                a.max_resample_ratio) == (b.network.to_dict(), b.sample_rate_hz, b.snippet_samples,
+                                          b.features.full_scale_dbm, b.min_receivers, b.max_resample_ratio)
+
+    def serves_frequency(self, center_freq_hz: float) -> bool:
+        """Is this centre frequency inside one of the model's declared bands?"""
+        return any(lo <= center_freq_hz <= hi for lo, hi in self.spec.bands_hz)
 
     def features(self, decoded: Sequence[DecodedPayload]) -> FeatureBatch:
         """Features [B, R, mels, frames] and the receiver mask [B, R] of a batch, in one pass."""

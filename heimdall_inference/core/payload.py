@@ -135,10 +135,13 @@ class PayloadDecoder:
     """Turns raw bytes or a parsed dict into a :class:`DecodedPayload` for one model."""
 
     def __init__(self, spec: ModelSpec, limits: Limits | None = None,
-                 fetch_iq_ref: IqRefFetcher | None = None) -> None:
+                 fetch_iq_ref: IqRefFetcher | None = None,
+                 bands_hz: tuple[tuple[float, float], ...] | None = None) -> None:
         self.spec = spec
         self.limits = limits or Limits()
         self.fetch_iq_ref = fetch_iq_ref
+        #: the centre frequencies accepted: the model's bands, or (a worker serving a model per band) all of theirs
+        self.bands_hz = tuple(sorted(bands_hz if bands_hz is not None else spec.bands_hz))
         self._known = set(spec.network.ids)
 
     # -- entry point ------------------------------------------------------------------------
@@ -167,10 +170,10 @@ class PayloadDecoder:
             raise PayloadError(C.UNKNOWN_SCHEMA, f"schema must be {SCHEMA_IQ!r}", "schema", got=str(schema)[:64])
         captured_at = self._captured_at(doc, self.limits.max_clock_skew_s)
         center = self._number(doc, "center_freq_hz")
-        if not any(lo <= center <= hi for lo, hi in self.spec.bands_hz):
+        if not any(lo <= center <= hi for lo, hi in self.bands_hz):
             raise PayloadError(C.UNSUPPORTED_FREQUENCY,
-                               f"centre frequency {center:.0f} Hz is outside the model's bands "
-                               f"{[list(b) for b in self.spec.bands_hz]}", "center_freq_hz")
+                               f"centre frequency {center:.0f} Hz is outside the bands served here "
+                               f"{[list(b) for b in self.bands_hz]}", "center_freq_hz")
         rate = self._number(doc, "sample_rate_hz")
         up, down = self._resample_ratio(rate)
         request_id = self._optional_id(doc, "request_id")

@@ -105,11 +105,11 @@ class ServiceMetrics:
         from prometheus_client import Counter, Gauge, Histogram
 
         reg = registry
-        self.fixes = Counter("heimdall_fixes", "Fixes, by the model version that computed them, role (served: returned "
-                             "and stored; shadow: stored beside a served fix, never returned) and origin (cached)",
-                             ["model_version", "role", "cached"], registry=reg)
-        self.quality = Counter("heimdall_fix_quality", "Served fixes by quality grade (good, fair, poor: the fix's "
-                               "quality field)", ["grade"], registry=reg)
+        self.fixes = Counter("heimdall_fixes", "Fixes, by the model (name: one per band) and version that computed "
+                             "them, role (served: returned and stored; shadow: stored beside a served fix, never "
+                             "returned) and origin (cached)", ["model", "model_version", "role", "cached"], registry=reg)
+        self.quality = Counter("heimdall_fix_quality", "Served fixes by model (one per band) and quality grade (good, "
+                               "fair, poor: the fix's quality field)", ["model", "grade"], registry=reg)
         self.shadow_errors = Counter("heimdall_shadow_errors", "Shadow runs that gave no fix (the served fix is "
                                      "unaffected)", registry=reg)
         self.shadow_distance = Histogram("heimdall_shadow_distance_meters", "Distance between a served fix and the "
@@ -157,11 +157,11 @@ class ServiceMetrics:
         """Served fixes: counted by model version and origin; their stage times observed."""
         for f in fixes:
             cached = bool(f.get("cached"))
-            self.fixes.labels(model_version=str(f["model"]["version"]), role="served",
+            self.fixes.labels(model=str(f["model"]["name"]), model_version=str(f["model"]["version"]), role="served",
                               cached="true" if cached else "false").inc()
             grade = (f.get("quality") or {}).get("grade")
             if grade:
-                self.quality.labels(grade=grade).inc()
+                self.quality.labels(model=str(f["model"]["name"]), grade=grade).inc()
             t = f.get("timings_ms") or {}
             total = 0.0
             for stage in (_CACHED_STAGES if cached else STAGES):  # a cache hit ran no features or model
@@ -172,7 +172,7 @@ class ServiceMetrics:
 
     def shadow_stored(self, served: dict[str, Any], shadow: dict[str, Any]) -> None:
         """A shadow model's fix stored beside a served one: counted, and how far apart they are."""
-        self.fixes.labels(model_version=str(shadow["model"]["version"]), role="shadow",
+        self.fixes.labels(model=str(shadow["model"]["name"]), model_version=str(shadow["model"]["version"]), role="shadow",
                           cached="true" if shadow.get("cached") else "false").inc()
         a, b = served["position"], shadow["position"]
         self.shadow_distance.observe(((a["east_m"] - b["east_m"]) ** 2 + (a["north_m"] - b["north_m"]) ** 2) ** 0.5)

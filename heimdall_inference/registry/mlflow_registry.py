@@ -53,18 +53,31 @@ def _translated(what: str) -> Iterator[None]:
 
 
 def _card_tags(card: dict[str, Any]) -> dict[str, str]:
-    """The model card's headline figures as flat tags (``card.model.median_km`` ...)."""
-    ev = card.get("evaluation") or {}
+    """The model card's headline figures as flat tags: the nominal world's as ``card.model.median_km`` ..., every
+    other world's as ``card.<world>.model.median_km`` ..."""
+    worlds = dict(card.get("evaluations") or {})
+    if not worlds and card.get("evaluation"):  # a card from before the worlds
+        worlds = {"nominal": card["evaluation"]}
     out: dict[str, str] = {}
-    for part in ("model", "grid_posterior"):
-        for key in ("median_km", "p95_km", "ms_per_fix"):
-            if key in (ev.get(part) or {}):
-                out[f"card.{part}.{key}"] = str(ev[part][key])
-        for conf, v in ((ev.get(part) or {}).get("coverage_pct") or {}).items():
-            out[f"card.{part}.coverage_{conf}"] = str(v)
-    for key, v in (ev.get("ratios") or {}).items():
-        out[f"card.{key}"] = str(v)
+    for world, ev in worlds.items():
+        prefix = "card." if world == "nominal" else f"card.{world}."
+        for part in ("model", "grid_posterior"):
+            for key in ("median_km", "p95_km", "ms_per_fix"):
+                if key in (ev.get(part) or {}):
+                    out[f"{prefix}{part}.{key}"] = str(ev[part][key])
+            for conf, v in ((ev.get(part) or {}).get("coverage_pct") or {}).items():
+                out[f"{prefix}{part}.coverage_{conf}"] = str(v)
+        for key, v in (ev.get("ratios") or {}).items():
+            out[f"{prefix}{key}"] = str(v)
     return out
+
+
+def _card_figures(card: Path) -> list[Path]:
+    """The PNG files a model card links to that lie beside it."""
+    import re
+
+    names = re.findall(r"!\[[^\]]*\]\(([A-Za-z0-9_.-]+\.png)\)", card.read_text())
+    return [card.with_name(n) for n in dict.fromkeys(names) if card.with_name(n).is_file()]
 
 
 class MlflowRegistry:
@@ -143,7 +156,9 @@ class MlflowRegistry:
         spec = session.spec
         tags = {"sha256": session.sha256, "contract": SPEC_FORMAT, "model_version": spec.version,
                 "model_name": spec.name, **_card_tags(spec.card)}
-        card = card if card is not None else path.with_name("MODEL_CARD.md")
+        from ..core.session import card_path
+
+        card = card if card is not None else card_path(path)
         with _translated(f"registering {path.name} as {name}"):
             mlflow.set_tracking_uri(self.tracking_uri)
             exp = self._client.get_experiment_by_name(EXPERIMENT)
@@ -153,6 +168,8 @@ class MlflowRegistry:
                 self._client.log_artifact(run.info.run_id, str(path), artifact_path="model")
                 if card.is_file():
                     self._client.log_artifact(run.info.run_id, str(card), artifact_path="model")
+                    for figure in _card_figures(card):  # the card's pictures (its reliability diagram)
+                        self._client.log_artifact(run.info.run_id, str(figure), artifact_path="model")
                 for k, v in tags.items():
                     self._client.set_tag(run.info.run_id, k, v)
             finally:

@@ -67,7 +67,7 @@ def resolve_model(uri: str, *, cache_dir: Path, registry: Callable[[], Any] | No
     """
     parsed = parse_model_uri(uri)
     if parsed.kind == "shipped":
-        return ResolvedModel(path=None, source="shipped", uri=str(parsed))
+        return ResolvedModel(path=parsed.path, source="shipped", uri=str(parsed))
     if parsed.kind == "file":
         return ResolvedModel(path=parsed.path, source="file", uri=str(parsed))
     if registry is None:
@@ -115,28 +115,37 @@ def resolve_model(uri: str, *, cache_dir: Path, registry: Callable[[], Any] | No
 
 @dataclass(frozen=True)
 class ModelSet:
-    """Every model a worker serves: its own (``HEIMDALL_MODEL_URI``) and the other refs its routes name.
+    """Every model a worker serves: its own (``HEIMDALL_MODEL_URI``), the other refs its routes name, and the models
+    of the network's other bands (``HEIMDALL_BAND_MODELS``).
 
     ``others`` maps a ref (an alias or a version of the same registered model) to what it resolved to; a
     ref that could not be resolved (no such alias yet, a version refused) is absent, and requests routed
-    to it are served by the primary."""
+    to it are served by the primary. ``bands`` maps each band model's URI, in the order configured, to what
+    it resolved to."""
 
     primary: ResolvedModel
     others: tuple[tuple[str, ResolvedModel], ...] = ()  #: (ref, model), sorted by ref
+    bands: tuple[tuple[str, ResolvedModel], ...] = ()  #: (uri, model), in the order configured
 
     @classmethod
-    def of(cls, primary: ResolvedModel, others: dict[str, ResolvedModel] | None = None) -> "ModelSet":
-        return cls(primary, tuple(sorted((others or {}).items())))
+    def of(cls, primary: ResolvedModel, others: dict[str, ResolvedModel] | None = None,
+           bands: dict[str, ResolvedModel] | None = None) -> "ModelSet":
+        return cls(primary, tuple(sorted((others or {}).items())), tuple((bands or {}).items()))
 
     def other(self, ref: str) -> ResolvedModel | None:
         return dict(self.others).get(ref)
 
+    def band(self, uri: str) -> ResolvedModel | None:
+        return dict(self.bands).get(uri)
+
     def to_dict(self) -> dict[str, Any]:
-        return {"primary": _model_doc(self.primary), "others": {ref: _model_doc(m) for ref, m in self.others}}
+        return {"primary": _model_doc(self.primary), "others": {ref: _model_doc(m) for ref, m in self.others},
+                "bands": [[uri, _model_doc(m)] for uri, m in self.bands]}
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "ModelSet":
-        return cls.of(_model_from(doc["primary"]), {ref: _model_from(m) for ref, m in doc.get("others", {}).items()})
+        return cls.of(_model_from(doc["primary"]), {ref: _model_from(m) for ref, m in doc.get("others", {}).items()},
+                      {uri: _model_from(m) for uri, m in doc.get("bands", [])})
 
 
 def _model_doc(m: ResolvedModel) -> dict[str, Any]:

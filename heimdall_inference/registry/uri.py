@@ -1,6 +1,7 @@
 """``HEIMDALL_MODEL_URI``: what a worker is told to serve.
 
-* ``""``: the model shipped in the package (the embedded default);
+* ``""``: the model shipped in the package (the embedded default, the 2 m band's);
+* ``shipped:<band>``: the model shipped in the package for that band (``shipped:2m``, ``shipped:70cm``);
 * a path (``/models/x.onnx``, ``file:///models/x.onnx``): that ONNX file;
 * ``models:/<name>@<alias>``: the version the registry's alias points at (``production``, ``challenger``);
 * ``models:/<name>/<version>``: that registered version.
@@ -15,7 +16,10 @@ from typing import Literal
 
 from ..errors import ConfigError
 
-__all__ = ["ModelUri", "parse_model_uri", "NAME_PATTERN", "ALIAS_PATTERN"]
+__all__ = ["ModelUri", "parse_model_uri", "NAME_PATTERN", "ALIAS_PATTERN", "SHIPPED_BANDS"]
+
+SHIPPED_BANDS = ("2m", "70cm")
+"""The bands the package ships a model for (``heimdall_inference/models``)."""
 
 NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 ALIAS_PATTERN = r"[A-Za-z][A-Za-z0-9_-]{0,63}"
@@ -27,7 +31,8 @@ class ModelUri:
     """A parsed model URI."""
 
     kind: Literal["shipped", "file", "registry"]
-    path: Path | None = None  #: kind "file"
+    path: Path | None = None  #: kind "file"; kind "shipped": the band's model (None: the default, 2 m)
+    band: str | None = None  #: kind "shipped" with a band
     name: str | None = None  #: kind "registry"
     alias: str | None = None  #: kind "registry", by alias
     version: str | None = None  #: kind "registry", by version
@@ -35,7 +40,9 @@ class ModelUri:
     def __str__(self) -> str:
         if self.kind == "registry":
             return f"models:/{self.name}@{self.alias}" if self.alias else f"models:/{self.name}/{self.version}"
-        return str(self.path) if self.path else "(the shipped model)"
+        if self.kind == "shipped":
+            return f"shipped:{self.band}" if self.band else "(the shipped model)"
+        return str(self.path)
 
 
 def parse_model_uri(text: str) -> ModelUri:
@@ -43,6 +50,13 @@ def parse_model_uri(text: str) -> ModelUri:
     text = text.strip()
     if not text:
         return ModelUri("shipped")
+    if text.startswith("shipped:"):
+        band = text.removeprefix("shipped:")
+        if band not in SHIPPED_BANDS:
+            raise ConfigError(f"model URI {text!r}: the package ships models for {', '.join(SHIPPED_BANDS)}")
+        from ..core.session import shipped_model_path
+
+        return ModelUri("shipped", path=shipped_model_path(band), band=band)
     if text.startswith("models:"):
         m = _REGISTRY.match(text)
         if m is None:

@@ -96,13 +96,14 @@ def _localizer(settings: Settings, model: ResolvedModel | None, fetch: Any) -> L
 def _arms(settings: Settings, models: ModelSet | None, fetch: Any, reuse: Router | None = None,
           warm: bool = False, interrupts: tuple[type[BaseException], ...] = (),
           metrics: ServiceMetrics | None = None) -> Router:
-    """The router over every model in ``models``: the served one (its failure to load is raised), and each other
+    """The router over every model in ``models``: the served one (its failure to load is raised), each other
     ref's (one that does not load, or takes other inputs than the served one, is logged and left out: its share
-    goes to the served model). A version already loaded in ``reuse`` keeps its session; a new one is loaded
-    beside it (and warmed, ``warm``)."""
+    goes to the served model), and each band model (one that does not load is raised like the served one's; one
+    whose payloads another decoder would need, or whose bands overlap a model before it, is logged and left out).
+    A version already loaded in ``reuse`` keeps its session; a new one is loaded beside it (and warmed, ``warm``)."""
     loaded: dict[tuple[Any, ...], Arm] = {}
     if reuse is not None:
-        for arm in reuse.arms:
+        for arm in (*reuse.arms, *reuse.bands):
             loaded[_identity(arm.localizer)] = arm
 
     def arm(model: ResolvedModel | None, ref: str | None) -> Arm:
@@ -139,8 +140,40 @@ def _arms(settings: Settings, models: ModelSet | None, fetch: Any, reuse: Router
                       "version %s; it is not served beside it", ref, model.version, primary.version)
             continue
         others[ref] = a  # one session per file: a ref on the served version (or on another ref's) shares it
+    bands: list[Arm] = []
+    for uri, model in (models.bands if models else ()):
+        if primary.localizer.session.sha256 == (model.sha256 or _file_sha256(model.path)):
+            continue  # the served model itself (HEIMDALL_BAND_MODELS=shipped beside the shipped model)
+        a = arm(model, None)
+        taken = [primary, *bands]
+        overlap = next((t for t in taken if _overlap(t.localizer.spec.bands_hz, a.localizer.spec.bands_hz)), None)
+        if overlap is not None:
+            (log.info if model.source == "shipped" else log.error)(
+                "band model %s (%s version %s, bands %s) is not served: %s version %s serves those frequencies", uri,
+                a.name, a.version, _mhz(a.localizer.spec.bands_hz), overlap.name, overlap.version)
+            continue
+        if not a.localizer.same_payloads(primary.localizer):
+            log.error("band model %s (%s version %s) takes other payloads (receivers, sample rate or snippet length) "
+                      "than the served model; it is not served beside it", uri, a.name, a.version)
+            continue
+        bands.append(a)
     primary_ref = ref_of(parse_model_uri(models.primary.uri)) if models and models.primary.uri else None
-    return Router(primary, others, settings.routes(), primary_ref=primary_ref)
+    return Router(primary, others, settings.routes(), primary_ref=primary_ref, bands=bands)
+
+
+def _overlap(a: tuple[tuple[float, float], ...], b: tuple[tuple[float, float], ...]) -> bool:
+    return any(lo1 <= hi2 and lo2 <= hi1 for lo1, hi1 in a for lo2, hi2 in b)
+
+
+def _mhz(bands: tuple[tuple[float, float], ...]) -> str:
+    return ", ".join(f"{lo / 1e6:g}-{hi / 1e6:g} MHz" for lo, hi in bands)
+
+
+def _file_sha256(path: Path | None) -> str:
+    from ..core.session import default_model_path
+    from ..registry.cache import file_sha256
+
+    return file_sha256(path or default_model_path())
 
 
 def served_models(service: Service | None) -> dict[str, Any]:
@@ -149,7 +182,8 @@ def served_models(service: Service | None) -> dict[str, Any]:
         return {}
     r = service.router
     return {"version": r.primary.version, "alias": r.primary.alias,
-            **({"others": {a.ref: a.version for a in r.arms[1:] if a.ref}} if r.routes.active else {})}
+            **({"others": {a.ref: a.version for a in r.arms[1:] if a.ref}} if r.routes.active else {}),
+            **({"bands": {a.name: a.version for a in r.bands}} if r.bands else {})}
 
 
 def _identity(loc: Localizer) -> tuple[Any, ...]:
@@ -175,7 +209,7 @@ def build_service(settings: Settings, metrics: ServiceMetrics | None = None,
     cache = FixCache(settings.cache_url, ttl_s=settings.cache_ttl_s, prefix=settings.redis_key_prefix) \
         if settings.cache_url else None
     if metrics is not None:
-        metrics.models_loaded((a.name, a.version, a.alias, a.source) for a in router.arms)
+        metrics.models_loaded((a.name, a.version, a.alias, a.source) for a in (*router.arms, *router.bands))
     # a soft time limit ends the whole pass (its requests retry), it is never one request's outcome
     return Service(router.primary.localizer, store, cache, metrics=metrics, interrupts=(SoftTimeLimitExceeded,),
                    router=router)
@@ -218,7 +252,7 @@ def rebuild_service(ctx: ProcessContext, models: ModelSet) -> Service:
     router = _arms(ctx.settings, models, old.localizer.decoder.fetch_iq_ref, reuse=old.router, warm=True,
                    interrupts=old.interrupts, metrics=ctx.metrics)
     if ctx.metrics is not None:
-        ctx.metrics.models_loaded((a.name, a.version, a.alias, a.source) for a in router.arms)
+        ctx.metrics.models_loaded((a.name, a.version, a.alias, a.source) for a in (*router.arms, *router.bands))
     return Service(router.primary.localizer, old.store, old.cache, metrics=ctx.metrics, interrupts=old.interrupts,
                    router=router)
 

@@ -102,9 +102,10 @@ def _declare_work_queues(worker: Any, settings: Any) -> None:
             log.warning("could not check the queue %s at start", wanted.name, exc_info=True)
 
 
-def _resolver(settings: Any, refused: set[tuple[str, str]] | None = None) -> Any:
+def _resolver(settings: Any, refused: set[tuple[str, str]] | None = None, *, band: bool = False) -> Any:
     """``resolve(ref=None)``: the model HEIMDALL_MODEL_URI (else HEIMDALL_MODEL_PATH, else the shipped one) names
-    now, or ``ref`` (an alias or version of the same registered model, named by the routes)."""
+    now, or ``ref`` (an alias or version of the same registered model, named by the routes). With ``band``,
+    ``resolve(uri)`` resolves a band model's own URI (HEIMDALL_BAND_MODELS)."""
     def registry() -> Any:
         from ..registry.rest import RestRegistry
 
@@ -112,26 +113,35 @@ def _resolver(settings: Any, refused: set[tuple[str, str]] | None = None) -> Any
 
     uri = settings.model_uri or settings.model_path
     cache_dir = Path(settings.model_cache_dir) if settings.model_cache_dir else default_cache_dir(settings.data_dir)
+    if band:
+        return lambda band_uri: resolve_model(band_uri, cache_dir=cache_dir, registry=registry, refused=refused)
     return lambda ref=None: resolve_model(ref_uri(uri, ref) if ref else uri, cache_dir=cache_dir, registry=registry,
                                           refused=refused)
 
 
 def _resolve_models(settings: Any, *, exported: bool) -> tuple[ModelSet | None, str | None]:
-    """What this worker serves, or why it serves nothing: its own model must resolve; another model its routes
-    name that does not (its alias not set yet, a version refused) is left out, with a warning (its share goes to
-    the worker's own model until the watch finds it)."""
+    """What this worker serves, or why it serves nothing: its own model and every band model must resolve; another
+    model its routes name that does not (its alias not set yet, a version refused) is left out, with a warning (its
+    share goes to the worker's own model until the watch finds it)."""
     resolve = _resolver(settings)
+    resolve_band = _resolver(settings, band=True)
+    bands: dict[str, ResolvedModel] = {}
     try:
         model = resolve()
+        for uri in settings.band_model_uris():
+            bands[uri] = resolve_band(uri)
     except HeimdallError as exc:
         log.error("no model to serve: %s; this worker does not start (it takes no task it cannot serve)", exc)
         return None, str(exc)
     except Exception as exc:  # a bug or an unexpected library error: the worker must not serve another model
         log.exception("no model to serve: resolving %s failed", settings.model_uri or settings.model_path)
         return None, f"{type(exc).__name__}: {exc}"
-    if model.source == "cache" and exported:
-        count_registry_fallback()
+    for m in (model, *bands.values()):
+        if m.source == "cache" and exported:
+            count_registry_fallback()
     log.info("model: %s", {k: v for k, v in model.label().items() if v})
+    for uri, m in bands.items():
+        log.info("band model %s: %s", uri, {k: v for k, v in m.label().items() if v and k != "uri"})
     others: dict[str, ResolvedModel] = {}
     for ref in settings.routes().refs(ref_of(parse_model_uri(model.uri))):
         try:
@@ -141,7 +151,7 @@ def _resolve_models(settings: Any, *, exported: bool) -> tuple[ModelSet | None, 
                         ref, exc, model.version)
             continue
         log.info("model %s: version %s (%s)", ref, others[ref].version, others[ref].source)
-    return ModelSet.of(model, others), None
+    return ModelSet.of(model, others, bands), None
 
 
 class ModelGuard(bootsteps.Step):
@@ -210,7 +220,8 @@ def _init_main(sender: Any = None, **_: Any) -> None:
     models, error = _resolve_models(settings, exported=exporter is not None)
     ctx = ProcessContext(settings=settings, exporter=exporter, models=models, model_error=error, run_dir=run_dir)
     install(ctx)
-    if models is not None and (models.primary.alias or settings.routes().active):
+    if models is not None and (models.primary.alias or settings.routes().active or
+                               any(m.alias for _, m in models.bands)):
         _start_watch(ctx, exported=exporter is not None)
 
 
@@ -222,12 +233,14 @@ def _start_watch(ctx: ProcessContext, *, exported: bool) -> None:
     refs = ctx.settings.routes().refs(ref_of(parse_model_uri(primary.uri)))
     if exported:
         count_model_watch(None)  # every result's series from 0: an alert's increase() sees the first one
+    bands = tuple(uri for uri, m in ctx.models.bands if m.alias)  # files and pinned versions do not move
     watcher = ModelWatcher(ctx.models, state, _resolver(ctx.settings, refused=refused), refs=refs,
                            interval_s=ctx.settings.model_poll_s,
-                           count=count_model_watch if exported else (lambda result: None))
+                           count=count_model_watch if exported else (lambda result: None),
+                           bands=bands, resolve_band=_resolver(ctx.settings, refused=refused, band=True))
     install(ctx.with_(model_state=state, watcher=watcher.start()))
     log.info("watching %s%s for a new version (every %s s, and on heimdall-inference model reload)", primary.uri,
-             "".join(f", {r}" for r in refs), ctx.settings.model_poll_s or "never")
+             "".join(f", {r}" for r in (*refs, *bands)), ctx.settings.model_poll_s or "never")
 
 
 @control_command(name=RELOAD_COMMAND)
@@ -240,7 +253,8 @@ def _reload(state: Any, **_: Any) -> dict[str, Any]:
     ctx.watcher.request_check()
     now = ctx.watcher.current
     return {"ok": True, "uri": now.primary.uri, "serving": now.primary.version,
-            **({"others": {ref: m.version for ref, m in now.others}} if ctx.watcher.refs else {})}
+            **({"others": {ref: m.version for ref, m in now.others}} if ctx.watcher.refs else {}),
+            **({"bands": {uri: m.version for uri, m in now.bands}} if now.bands else {})}
 
 
 @after_setup_logger.connect

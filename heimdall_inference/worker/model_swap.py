@@ -60,22 +60,27 @@ def same_models(a: ModelSet | None, b: ModelSet | None) -> bool:
     if a is None or b is None or not _same(a.primary, b.primary):
         return False
     return [r for r, _ in a.others] == [r for r, _ in b.others] and all(
-        _same(m, b.other(r)) for r, m in a.others)
+        _same(m, b.other(r)) for r, m in a.others) and [u for u, _ in a.bands] == [u for u, _ in b.bands] and all(
+        _same(m, b.band(u)) for u, m in a.bands)
 
 
 class ModelWatcher:
     """The main process' watch on the models a worker serves (a daemon thread; ``interval_s`` 0: only on reload).
 
     ``resolve(ref)`` resolves the worker's own model (``ref`` None) or one of ``refs``, the other models its
-    routes name."""
+    routes name; ``resolve_band(uri)`` one of ``bands``, the band models behind an alias (HEIMDALL_BAND_MODELS:
+    like the worker's own model, one that does not resolve keeps its version serving)."""
 
     def __init__(self, current: ModelSet, state_path: Path, resolve: Callable[[str | None], ResolvedModel], *,
                  interval_s: float, refs: tuple[str, ...] = (),
-                 count: Callable[[str], None] = lambda result: None) -> None:
+                 count: Callable[[str], None] = lambda result: None, bands: tuple[str, ...] = (),
+                 resolve_band: Callable[[str], ResolvedModel] | None = None) -> None:
         self.current = current
         self.state_path = state_path
         self._resolve = resolve
+        self._resolve_band = resolve_band
         self.refs = refs
+        self.bands = bands
         self.interval_s = float(interval_s)
         self._count = count
         self._wake = threading.Event()
@@ -126,7 +131,14 @@ class ModelWatcher:
                 results += result
                 if model is not None:
                     others[ref] = model
-            new = ModelSet.of(primary, others)  # type: ignore[arg-type]
+            bands: dict[str, ResolvedModel] = {}
+            for uri, cur in self.current.bands:
+                model = cur
+                if uri in self.bands and self._resolve_band is not None:
+                    model, result = self._check_one(uri, cur, resolve=self._resolve_band, band=True)
+                    results += result
+                bands[uri] = model  # type: ignore[assignment]
+            new = ModelSet.of(primary, others, bands)  # type: ignore[arg-type]
             errors = [r for r in results if r != "unchanged"]
             self.last_error = None if not errors else self.last_error
             if same_models(new, self.current):
@@ -135,14 +147,16 @@ class ModelWatcher:
             write_state(self.state_path, new)
             log.info("model watch: %s now points at version %s (was %s)%s: the children swap between batches",
                      new.primary.uri, new.primary.version, old.primary.version,
-                     "".join(f"; {ref} at {m.version}" for ref, m in new.others))
+                     "".join(f"; {ref} at {m.version}" for ref, m in (*new.others, *new.bands)))
             return self._result("published")
 
-    def _check_one(self, ref: str | None, cur: ResolvedModel | None) -> tuple[ResolvedModel | None, list[str]]:
-        """(the model to serve for ``ref`` now, [what happened]); counts and logs all but "unchanged"."""
+    def _check_one(self, ref: str | None, cur: ResolvedModel | None, *, resolve: Callable[[Any], ResolvedModel] | None = None,
+                   band: bool = False) -> tuple[ResolvedModel | None, list[str]]:
+        """(the model to serve for ``ref`` now, [what happened]); counts and logs all but "unchanged". ``band``: ``ref``
+        is a band model's URI, which keeps its version when it does not resolve (like the worker's own model)."""
         what = ref or (cur.uri if cur else "the served model")
         try:
-            new = self._resolve(ref)
+            new = (resolve or self._resolve)(ref)
         except RegistryUnavailable as exc:
             self.last_error = str(exc)
             self._say(ref, "unreachable", logging.WARNING, "model watch: the registry did not answer (%s); %s keeps "
@@ -150,7 +164,7 @@ class ModelWatcher:
             return cur, [self._result("unreachable")]
         except HeimdallError as exc:  # a checksum, a contract, an alias gone: the old version keeps serving
             self.last_error = str(exc)
-            if ref is not None and (cur is None or isinstance(exc, RegistryNotFound)):
+            if ref is not None and not band and (cur is None or isinstance(exc, RegistryNotFound)):
                 # an experiment arm not in the registry (not yet, or its alias removed: the experiment is over)
                 self._say(ref, f"absent: {exc}", logging.WARNING, "model watch: %s is not served here (%s); its "
                           "requests go to the worker's own model", ref, exc)
@@ -221,7 +235,7 @@ def swapped(ctx: Any, build: Callable[[Any, ModelSet], Any], install: Callable[[
 
         mark_child_ready(ctx.run_dir, served_models(service))
     log.info("model swap: now serving %s version %s%s", models.primary.name or models.primary.uri,
-             models.primary.version, "".join(f"; {ref} at {m.version}" for ref, m in models.others))
+             models.primary.version, "".join(f"; {ref} at {m.version}" for ref, m in (*models.others, *models.bands)))
     if ctx.metrics is not None:
         ctx.metrics.swap_done("swapped")
     return new

@@ -14,13 +14,18 @@ the decoder's rules: every arm takes the same payloads and features). :class:`Ro
   of the split to the served model: the split never fails a request for a missing arm (a payload that
   names such an arm in ``options.model`` gets ``unknown_model``: it is never served by another model
   than the one it asked for);
-* the shadow arm also runs on every request another arm served; its fix is stored, never returned.
+* the shadow arm also runs on every request another arm served; its fix is stored, never returned;
+* **bands**: a payload whose centre frequency lies outside the served model's bands goes to the *band
+  model* (``HEIMDALL_BAND_MODELS``) whose declared bands hold it: one model per band of the network (2 m,
+  70 cm), each with its own name, version and alias in the fix. The split, the shadow and the allow-list
+  are the served model's (its band's); ``options.model`` on another band's payload may name that band's
+  model only.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..core.localizer import Localizer
@@ -74,8 +79,9 @@ class Router:
     """The routing rules over the arms a child has loaded now (rebuilt whole when a model swaps)."""
 
     def __init__(self, primary: Arm, others: Mapping[str, Arm] | None = None, routes: Routes | None = None,
-                 primary_ref: str | None = None) -> None:
+                 primary_ref: str | None = None, bands: Sequence[Arm] = ()) -> None:
         self.primary = primary
+        self.bands = tuple(bands)  #: the other bands' models (their bands disjoint from the served model's and each other's)
         self.routes = routes or Routes()
         others = dict(others or {})
         self._arm: dict[str, Arm] = {ref: arm for ref, arm in others.items()}
@@ -91,12 +97,23 @@ class Router:
 
     @property
     def arms(self) -> list[Arm]:
-        """Every distinct arm, the served model first."""
+        """Every distinct arm of the served model's band, the served model first (the band models are :attr:`bands`)."""
         out = [self.primary]
         for arm in self._arm.values():
             if all(arm is not a for a in out):
                 out.append(arm)
         return out
+
+    @property
+    def bands_hz(self) -> tuple[tuple[float, float], ...]:
+        """Every centre-frequency band some model here serves."""
+        return tuple(b for arm in (self.primary, *self.bands) for b in arm.localizer.spec.bands_hz)
+
+    def band_arm(self, center_freq_hz: float) -> Arm | None:
+        """The band model for a centre frequency outside the served model's bands (None: the served model's band)."""
+        if self.primary.localizer.serves_frequency(center_freq_hz):
+            return None
+        return next((a for a in self.bands if a.localizer.serves_frequency(center_freq_hz)), None)
 
     def arm(self, ref: str) -> Arm | None:
         """The arm loaded for ``ref`` (an alias or version the routes name), if any."""
@@ -110,6 +127,13 @@ class Router:
     def choose(self, decoded: DecodedPayload, task_id: str | None = None) -> Arm:
         """The arm that answers this request; PayloadError ``unknown_model`` for an ``options.model`` not allowed."""
         wanted = decoded.options.model
+        band = self.band_arm(decoded.center_freq_hz)
+        if band is not None:
+            if wanted is not None and wanted not in band.names():
+                raise PayloadError(PayloadCode.UNKNOWN_MODEL, f"options.model {wanted[:64]!r} is not served for "
+                                   f"{decoded.center_freq_hz:.0f} Hz here; {band.name} serves it as "
+                                   f"{sorted(band.names())}", "options.model")
+            return band
         if wanted is not None:
             arm = self._names.get(wanted)
             if arm is None:
@@ -127,6 +151,9 @@ class Router:
         return self._arm.get(self.routes.split[-1][0], self.primary)  # u within rounding of 1.0
 
     def shadow_for(self, arm: Arm) -> Arm | None:
-        """The shadow arm, when it is another model than the one that served."""
+        """The shadow arm, when it is another model than the one that served (and that one serves the shadow's band:
+        a band model has no shadow)."""
         s = self.shadow
-        return s if s is not None and s.localizer is not arm.localizer else None
+        if s is None or s.localizer is arm.localizer or any(arm is b for b in self.bands):
+            return None
+        return s

@@ -25,7 +25,8 @@ import numpy as np
 from ..store.cache import FixCache
 from ..ops.metrics import ServiceMetrics
 from ..errors import HeimdallError, PayloadCode, PayloadError, StorageError, TransientError
-from ..core.payload import DecodedPayload, is_valid_id
+from ..core.features import FeatureConfig
+from ..core.payload import DecodedPayload, PayloadDecoder, is_valid_id
 from ..core.localizer import FeatureBatch, Localizer, RawPayload
 from ..store import Store, fix_row, rejection_row, shadow_row
 from .routing import Arm, Router
@@ -68,6 +69,10 @@ class Service:
             raise ValueError("the router's served model must be this service's localizer")
         self.router = router or Router(Arm(localizer, alias=alias))
         self.localizer = localizer
+        #: with band models, one decoder for every model here: the served model's rules, the centre frequencies of
+        #: every band served (None: the served model's own decoder)
+        self.decoder = None if not self.router.bands else PayloadDecoder(
+            localizer.spec, localizer.decoder.limits, localizer.decoder.fetch_iq_ref, bands_hz=self.router.bands_hz)
         self.store = store
         self.cache = cache
         self.alias = self.router.primary.alias
@@ -98,6 +103,11 @@ class Service:
                              "shadow": r.routes.shadow, "allow": list(r.routes.allow),
                              "loaded": [{"ref": a.ref, "alias": a.alias, "version": a.version,
                                          "sha256": a.localizer.session.sha256} for a in r.arms[1:]]}
+        if r.bands:
+            out["bands"] = [{"name": a.name, "version": a.version, "alias": a.alias, "source": a.source,
+                             "sha256": a.localizer.session.sha256, "bands_hz": [list(b) for b in a.localizer.spec.bands_hz]}
+                            for a in r.bands]
+            out["bands_hz"] = [list(b) for b in self.localizer.spec.bands_hz]
         return out
 
     # -- single payloads ----------------------------------------------------------------------
@@ -129,7 +139,7 @@ class Service:
             except Exception as exc:  # PayloadError (recorded), TransientError (an iq_ref store or the database
                 out[i] = self._own_failure(exc, r.task_id)  # down while recording), or a bug
         decode_ms = (time.time() - t0) * 1e3 / max(1, len(requests))
-        bank = _FeatureBank(self.localizer)
+        bank = _FeatureBank()
         misses: list[tuple[int, DecodedPayload, Arm]] = []
         for (i, d, arm), hit in zip(admitted, self._cached([(d, arm, task_ids[i]) for i, d, arm in admitted])):
             if hit is None:
@@ -173,34 +183,40 @@ class Service:
         by itself. ``task_ids`` by slot."""
         out: list[dict[str, Any] | Exception | None] = [None] * len(items)
         groups: dict[int, list[int]] = {}
+        plans: dict[FeatureConfig, list[int]] = {}  #: one feature pass per feature plan (arms, band models)
         for k, (_, _, arm) in enumerate(items):
             groups.setdefault(id(arm), []).append(k)
-        try:
-            feats: FeatureBatch | None = bank.get([i for i, _, _ in items], [d for _, d, _ in items])
-        except self.interrupts:
-            raise
-        except Exception as exc:  # the pass failed as a whole: each payload's features again alone, below
-            if len(items) == 1:
-                return [self._own_failure(exc, task_ids[items[0][0]])]
-            log.warning("the features of a batch of %d failed (%r); locating each alone", len(items), exc)
-            feats = None
+            plans.setdefault(arm.localizer.spec.features, []).append(k)
+        feats: dict[FeatureConfig, tuple[dict[int, int], FeatureBatch] | None] = {}
+        for plan, ks in plans.items():
+            try:
+                feats[plan] = ({k: row for row, k in enumerate(ks)},
+                               bank.get([items[k][0] for k in ks], [items[k][1] for k in ks], items[ks[0]][2].localizer))
+            except self.interrupts:
+                raise
+            except Exception as exc:  # the pass failed as a whole: each payload's features again alone, below
+                if len(items) == 1:
+                    return [self._own_failure(exc, task_ids[items[0][0]])]
+                log.warning("the features of a batch of %d failed (%r); locating each alone", len(ks), exc)
+                feats[plan] = None
         per_ms = decode_ms / max(1, len(items))
         for ks in groups.values():
             arm = items[ks[0]][2]
+            mine = feats[arm.localizer.spec.features]
             try:
                 got = arm.localizer.fixes([items[k][1] for k in ks], decode_ms=per_ms * len(ks),
                                           task_ids=[task_ids[items[k][0]] for k in ks], alias=arm.alias,
-                                          features=feats.take(ks) if feats is not None else None)
+                                          features=mine[1].take([mine[0][k] for k in ks]) if mine is not None else None)
                 for k, f in zip(ks, got):
                     out[k] = f
                 continue
             except self.interrupts:
                 raise
             except Exception as exc:
-                if len(ks) == 1 and feats is not None:
+                if len(ks) == 1 and mine is not None:
                     out[ks[0]] = self._own_failure(exc, task_ids[items[ks[0]][0]])
                     continue
-                if feats is not None:
+                if mine is not None:
                     log.warning("locating a batch of %d failed (%r); locating each alone", len(ks), exc)
             for k in ks:
                 i, d, _ = items[k]
@@ -230,7 +246,7 @@ class Service:
             try:
                 got = shadow.localizer.fixes([d for _, d in todo], task_ids=[task_ids[i] for i, _ in todo],
                                              alias=shadow.alias, features=bank.get([i for i, _ in todo],
-                                                                                   [d for _, d in todo]))
+                                                                                   [d for _, d in todo], shadow.localizer))
             except self.interrupts:
                 raise
             except Exception as exc:
@@ -258,7 +274,8 @@ class Service:
         PayloadError (invalid input, an ``options.model`` not served here) is recorded first (TransientError if
         the database is down: the task retries, and records it once it is back)."""
         try:
-            decoded = self.localizer.decode(payload, digest=digest)
+            decoded = (self.localizer.decode(payload, digest=digest) if self.decoder is None else
+                       self.decoder.decode(payload, digest=digest))
             return decoded, self.router.choose(decoded, route_key or task_id)
         except PayloadError as exc:
             self._reject(exc, payload, task_id, key)
@@ -427,7 +444,7 @@ class Service:
                 self._own_failure(exc, keys[i])
                 errors.append(_internal_error(offset + i, exc))
         t1 = time.perf_counter()
-        bank = _FeatureBank(self.localizer)
+        bank = _FeatureBank()
         outcomes = self._locate(admitted, (t1 - t0) * 1e3, keys, bank)
         t2 = time.perf_counter()
         served = [(i, d, arm) for (i, d, arm), o in zip(admitted, outcomes) if isinstance(o, dict)]
@@ -477,8 +494,23 @@ def summarize(chunks: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class _FeatureBank:
-    """A pass's features, computed at most once per payload: the served models and the shadow share them (every
-    model a router holds takes the same inputs). Keyed by the request's slot in the pass."""
+    """A pass's features, computed at most once per payload and feature plan: the models that share a plan (the served
+    model, its A/B arms and shadow, a band model with the same plan) share them. Keyed by the request's slot in the
+    pass."""
+
+    def __init__(self) -> None:
+        self._plans: dict[FeatureConfig, _PlanFeatures] = {}
+
+    def get(self, slots: Sequence[int], decoded: Sequence[DecodedPayload], localizer: Localizer) -> FeatureBatch:
+        """The features of ``decoded`` (at ``slots``) under ``localizer``'s plan, computing those not computed yet."""
+        plan = localizer.spec.features
+        if plan not in self._plans:
+            self._plans[plan] = _PlanFeatures(localizer)
+        return self._plans[plan].get(slots, decoded)
+
+
+class _PlanFeatures:
+    """One feature plan's share of a :class:`_FeatureBank`."""
 
     def __init__(self, localizer: Localizer) -> None:
         self.localizer = localizer

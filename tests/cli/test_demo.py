@@ -24,8 +24,10 @@ def test_demo_runs_a_real_worker_tasks_and_a_chord(tmp_path, capsys):
     png = tmp_path / "map.png"
     out = run_demo(count=5, batch=40, seed=3, plot=png, data_dir=tmp_path / "data")
     text = capsys.readouterr().out
-    assert "5 heimdall.predict tasks" in text and "batch chord: 40 payloads" in text
-    assert len(out["errors_km"]) == 5 and max(out["errors_km"]) < 300
+    # 5 transmissions on 2 m and one on 70 cm, each answered by its band's model
+    assert "6 heimdall.predict tasks" in text and "batch chord: 40 payloads" in text
+    assert len(out["errors_km"]) == 6 and max(out["errors_km"]) < 300
+    assert out["models"] == ["localization_model"] * 5 + ["localization_model_70cm"]
     assert out["batch"]["fixes"] == 40 and out["rows"] == 40
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "data" / "heimdall.sqlite3").exists()

@@ -371,3 +371,49 @@ def test_ab_split_shadow_and_allow_list_through_a_real_worker(mlflow, capsys, tm
         assert f"challenger at {third['version']}" in log
     report_line(f"A/B 80/20 over 2,000 tasks in 500 sessions: {len(challenged)} sessions on the challenger; "
                 f"{len(served_by_prod)} shadow rows, median {cmp['distance_m']['median']} m from the served fix")
+
+
+def test_both_bands_from_the_registry_and_the_70cm_alias_swapped_alone(mlflow, capsys, tmp_path, spec, signal,
+                                                                       scenes_and_payloads):
+    """`model bootstrap` registers both shipped models, each under its own name, as production; a worker serving
+    models:/localization_model@production with HEIMDALL_BAND_MODELS=models:/localization_model_70cm@production answers
+    a 70 cm payload with the 70 cm model's registered version; the 70 cm alias moves and one reload swaps that model
+    alone."""
+    from heimdall_inference.client import predict
+    from heimdall_inference.core.session import shipped_model_path
+    from heimdall_inference.lab.simulator import Priors, scene_payloads, simulate
+    from heimdall_inference.worker.tasks import model_info
+
+    code, boot = _cli(capsys, "model", "bootstrap", "--alias", "production")
+    assert code == 0 and [b["name"] for b in boot] == ["localization_model", "localization_model_70cm"], boot
+    uhf = next(b for b in boot if b["name"] == "localization_model_70cm")
+    assert uhf["aliases"] == ["production"] and uhf["model_name"] == "localization_model_70cm"
+    assert any(k.endswith("model/MODEL_CARD_70cm.md") for k in mlflow.s3_keys())
+    assert any(k.endswith("model/reliability_70cm.png") for k in mlflow.s3_keys())
+    scenes, iq = simulate(spec.network, 2, seed=4545, priors=Priors.nominal("70cm"), signal=signal)
+    docs = scene_payloads(scenes, iq, spec.network, signal, seed=4545, request_prefix="reg70")
+    with isolated_worker("bands", tmp_path / "w.log", concurrency=1, model_uri=URI, model_poll_s=0,
+                         band_models="models:/localization_model_70cm@production",
+                         model_cache_dir=str(tmp_path / "models")) as (settings, store, worker):
+        fix = predict(copy.deepcopy(docs[0]), timeout_s=30)
+        assert fix["model"] == {"name": "localization_model_70cm", "version": uhf["version"], "alias": "production"}
+        info = model_info.delay().get(timeout=30)
+        assert [(b["name"], b["version"], b["source"]) for b in info["bands"]] == [
+            ("localization_model_70cm", uhf["version"], "registry")]
+        vhf = predict({**copy.deepcopy(scenes_and_payloads[1][0]), "request_id": "reg-2m"}, timeout_s=30)
+        assert vhf["model"]["name"] == "localization_model"
+        code, again = _cli(capsys, "model", "register", str(shipped_model_path("70cm")), "--name",
+                           "localization_model_70cm", "--alias", "production")
+        assert code == 0 and again["version"] != uhf["version"]
+        code, replies = _cli(capsys, "model", "reload")
+        assert code == 0 and all(r["ok"] for r in replies.values()), replies
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            fix = predict({**copy.deepcopy(docs[1]), "request_id": f"reg70-after-{time.monotonic()}"}, timeout_s=30)
+            if fix["model"]["version"] == again["version"]:
+                break
+            time.sleep(0.2)
+        assert fix["model"] == {"name": "localization_model_70cm", "version": again["version"], "alias": "production"}
+        assert predict({**copy.deepcopy(scenes_and_payloads[1][1]), "request_id": "reg-2m-after"},
+                       timeout_s=30)["model"] == vhf["model"]  # the 2 m model did not move
+        assert f"models:/localization_model_70cm@production at {again['version']}" in worker.log_path.read_text()

@@ -184,7 +184,7 @@ def test_a_failing_shadow_never_fails_the_served_fix(localizer, challenger, scen
                                 for i, d in enumerate(scenes_and_payloads[1][:3])])
     assert all(isinstance(f, dict) for f in out) and store.count_fixes() == 3 and not store.shadows
     assert reg.get_sample_value("heimdall_shadow_errors_total") == 3
-    assert reg.get_sample_value("heimdall_fixes_total", {"model_version": "1", "role": "served",
+    assert reg.get_sample_value("heimdall_fixes_total", {"model": "localization_model", "model_version": "1", "role": "served",
                                                          "cached": "false"}) == 3
 
 
@@ -199,7 +199,7 @@ def test_shadow_metrics_count_the_shadow_and_how_far_it_lies(localizer, challeng
     svc.predict_requests([Request({**copy.deepcopy(d), "request_id": f"m{i}"}, f"t{i}")
                           for i, d in enumerate(scenes_and_payloads[1][:5])])
     v = reg.get_sample_value
-    assert v("heimdall_fixes_total", {"model_version": "2", "role": "shadow", "cached": "false"}) == 5
+    assert v("heimdall_fixes_total", {"model": "localization_model", "model_version": "2", "role": "shadow", "cached": "false"}) == 5
     assert v("heimdall_shadow_distance_meters_count") == 5
     assert v("heimdall_shadow_distance_meters_bucket", {"le": "1000.0"}) == 0
     assert v("heimdall_shadow_distance_meters_bucket", {"le": "2500.0"}) == 5  # 2 km apart, every one

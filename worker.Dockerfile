@@ -1,4 +1,4 @@
-# heimdall-inference worker: slim, non-root, the reference model baked in (it ships in the package).
+# heimdall-inference worker: slim, non-root, the reference models (2 m, 70 cm) baked in (they ship in the package).
 #   docker build -f worker.Dockerfile -t heimdall-inference-worker .
 #   docker run --env-file .env heimdall-inference-worker
 FROM python:3.11-slim-bookworm AS build

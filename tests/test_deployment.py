@@ -119,7 +119,9 @@ def test_the_worker_runs_from_the_wheel_the_image_installs(tmp_path, scenes_and_
     site = tmp_path / "site"
     names = zipfile.ZipFile(wheel).namelist()
     assert {"celeryconfig.py", "heimdall_inference/models/localization_model.onnx",
-            "heimdall_inference/data/reference_network.json", "heimdall_inference/worker/celery_app.py"} <= set(names)
+            "heimdall_inference/models/localization_model_70cm.onnx", "heimdall_inference/models/MODEL_CARD_70cm.md",
+            "heimdall_inference/models/reliability_2m.png", "heimdall_inference/data/reference_network.json",
+            "heimdall_inference/worker/celery_app.py"} <= set(names)
     zipfile.ZipFile(wheel).extractall(site)
 
     run = tmp_path / "run"  # not the repository: nothing there to import by accident

@@ -186,7 +186,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.reliability:
         from ..lab.card import plot_reliability
 
-        plot_reliability([report], args.reliability, f"{report.model['name']} v{report.model['version']}")
+        plot_reliability([report.figures()], args.reliability, f"{report.model['name']} v{report.model['version']}")
     if args.json:
         args.json.write_text(json.dumps(report.figures(), indent=2))
     return 0

@@ -15,17 +15,20 @@ from typing import Any
 import numpy as np
 
 from ..core.spec import ModelSpec
-from .evaluation import RELIABILITY_LEVELS, EvaluationReport
+from .evaluation import figures_table, receivers_table
 
-__all__ = ["card_figures", "write_model_card", "plot_reliability"]
+__all__ = ["card_figures", "write_model_card", "plot_reliability", "rewrite_card"]
+
+Figures = dict[str, Any]
+"""One world's evaluation figures (:meth:`~.evaluation.EvaluationReport.figures`)."""
 
 
-def card_figures(reports: Sequence[EvaluationReport]) -> dict[str, Any]:
+def card_figures(worlds: Sequence[Figures]) -> dict[str, Any]:
     """The metadata's ``card``: every world's figures by name."""
-    return {"evaluations": {r.world: r.figures() for r in reports}}
+    return {"evaluations": {f["world"]: f for f in worlds}}
 
 
-def plot_reliability(reports: Sequence[EvaluationReport], path: Path, title: str) -> None:
+def plot_reliability(worlds: Sequence[Figures], path: Path, title: str) -> None:
     """One panel per world: the share of scenes inside the model's p-ellipse (and the grid posterior's p-HPD region)
     against p, with the 95 % binomial band around the diagonal for the number of scenes."""
     import matplotlib
@@ -33,12 +36,13 @@ def plot_reliability(reports: Sequence[EvaluationReport], path: Path, title: str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(reports), figsize=(4.6 * len(reports), 4.4), squeeze=False)
-    p = np.array(RELIABILITY_LEVELS)
-    for ax, rep in zip(axes[0], reports):
-        f = rep.figures()["reliability"]
-        band = 1.96 * np.sqrt(p * (1 - p) / rep.scenes)
-        ax.fill_between(p, p - band, p + band, color="0.85", label=f"95 % binomial band ({rep.scenes} scenes)")
+    fig, axes = plt.subplots(1, len(worlds), figsize=(4.6 * len(worlds), 4.4), squeeze=False)
+    for ax, figures in zip(axes[0], worlds):
+        f = figures["reliability"]
+        p = np.array(f["levels"])
+        n = figures["scenes"]
+        band = 1.96 * np.sqrt(p * (1 - p) / n)
+        ax.fill_between(p, p - band, p + band, color="0.85", label=f"95 % binomial band ({n} scenes)")
         ax.plot([0, 1], [0, 1], color="0.4", lw=0.8)
         ax.plot(p, np.array(f["model_pct"]) / 100, "o-", color="C0", label="model ellipses")
         if "grid_hpd_pct" in f:
@@ -49,7 +53,7 @@ def plot_reliability(reports: Sequence[EvaluationReport], path: Path, title: str
         ax.set_aspect("equal")
         ax.set_xlabel("nominal coverage p")
         ax.set_ylabel("share of true positions inside")
-        ax.set_title(f"{rep.band}, {rep.world} world")
+        ax.set_title(f"{figures['band']}, {figures['world']} world")
         ax.grid(alpha=0.3)
         ax.legend(loc="upper left", fontsize=8)
     fig.suptitle(title, fontsize=10)
@@ -58,8 +62,7 @@ def plot_reliability(reports: Sequence[EvaluationReport], path: Path, title: str
     plt.close(fig)
 
 
-def write_model_card(reports: Sequence[EvaluationReport], spec: ModelSpec, path: Path,
-                     figure: Path | None = None) -> None:
+def write_model_card(worlds: Sequence[Figures], spec: ModelSpec, path: Path, figure: Path | None = None) -> None:
     """Markdown model card with every world's figures; ``figure``: the reliability diagram it links to."""
     t = spec.training
     u = spec.uncertainty
@@ -68,22 +71,21 @@ def write_model_card(reports: Sequence[EvaluationReport], spec: ModelSpec, path:
               "Gaussian; the ellipse radius is sqrt(2 F.ppf(p, 2, dof) (dof - 2) / dof), which tends to "
               "sqrt(chi2.ppf(p, 2)) as dof grows)" if u.get("family") == "student_t" else
               "Gaussian (ellipse radius sqrt(chi2.ppf(p, 2)))")
-    band = reports[0].band if reports else "?"
-    worlds = t.get("worlds") or {}
-    mix = ", ".join(f"{w} {share:.0%}" for w, share in worlds.items()) if worlds else "nominal"
+    band = worlds[0]["band"] if worlds else "?"
+    mixture = t.get("worlds") or {}
+    mix = ", ".join(f"{w} {share:.0%}" for w, share in mixture.items()) if mixture else "nominal"
     lo, hi = spec.bands_hz[0]
     sections = []
-    for rep in reports:
-        f = rep.figures()
-        sections.append(f"""### {rep.world} world ({f['scenes']} scenes, seed {f['seed']})
+    for f in worlds:
+        sections.append(f"""### {f['world']} world ({f['scenes']} scenes, seed {f['seed']})
 
 ```
-{rep.table()}
+{figures_table(f)}
 ```
 
 By number of receivers online:
 
-{rep.receivers_table()}
+{receivers_table(f)}
 """)
     png = f"![reliability diagram]({figure.name})\n\n" if figure is not None else ""
     text = f"""# Model card: {spec.name} v{spec.version} ({band}, {lo / 1e6:g}-{hi / 1e6:g} MHz)
@@ -94,8 +96,8 @@ network `{spec.network.name}` ({', '.join(spec.network.ids)}). Inputs: log-mel f
 mean east/north (metres from {spec.network.origin_lat:.4f}, {spec.network.origin_lon:.4f}) and a full 2x2
 covariance. Trained by `python -m heimdall_inference.lab.training --band {band}` on {t.get('scenes')} simulated
 scenes drawn from a mixture of worlds ({mix}; seed {t.get('seed')}, {t.get('epochs')} epochs, torch
-{t.get('torch')}, {t.get('train_s')} s of training and {t.get('simulate_s')} s of simulation on
-{t.get('threads')} cores) with the negative log-likelihood of a full-covariance Gaussian. Predictive family for
+{t.get('torch')}, {t.get('train_s')} s of training on {t.get('threads')} cores) with the negative
+log-likelihood of a full-covariance Gaussian. Predictive family for
 the ellipses: {family}. Physics and priors of each world: `heimdall_inference/lab/simulator.py`.
 
 ## Held-out evaluation (through the real payload decoder)
@@ -124,7 +126,20 @@ ill-posed and both estimators are far off; the ellipse says so, and the fix's qu
 outside the hull it lies.
 
 ```json
-{json.dumps(card_figures(reports), indent=1)}
+{json.dumps(card_figures(worlds), indent=1)}
 ```
 """
     path.write_text(text)
+
+
+def rewrite_card(model_path: Path) -> Path:
+    """Write a model's card and reliability diagram again from the figures in its metadata (no evaluation)."""
+    from ..core.session import ModelSession, card_path
+
+    spec = ModelSession(model_path).spec
+    worlds = list((spec.card.get("evaluations") or {}).values())
+    card = card_path(Path(model_path))
+    figure = card.with_name(f"reliability_{worlds[0]['band']}.png")
+    plot_reliability(worlds, figure, f"{spec.name} v{spec.version}: reliability of the ellipses")
+    write_model_card(worlds, spec, card, figure)
+    return card

@@ -125,63 +125,68 @@ class EvaluationReport:
             out["by_receivers"][str(k)] = row
         return out
 
-    def card(self) -> dict[str, Any]:
-        return {"evaluation": self.figures()}
-
     def table(self) -> str:
         """The headline figures as a text table."""
-        f = self.figures()
-        m, g = f["model"], f.get("grid_posterior")
-        cols = ("model", "grid posterior") if g else ("model",)
-
-        def row(label: str, mv: str, gv: str = "-") -> tuple[str, ...]:
-            return (label, mv, gv) if g else (label, mv)
-
-        def two(d: dict[str, float]) -> str:
-            return f"{d['0.68']:.1f} / {d['0.95']:.1f}"
-
-        rows = [("",) + cols,
-                row("median error km", f"{m['median_km']:.1f}", f"{g['median_km']:.1f}" if g else "-"),
-                row("p95 error km", f"{m['p95_km']:.1f}", f"{g['p95_km']:.1f}" if g else "-"),
-                row("68% / 95% coverage %", two(m["coverage_pct"]), two(g["coverage_pct"]) if g else "-"),
-                row("68% / 95% cov. worst tercile %", two(m["coverage_worst_tercile_pct"]),
-                    two(g["coverage_worst_tercile_pct"]) if g else "-"),
-                row("68% / 95% cov. worst seen tercile %", two(m["coverage_worst_seen_tercile_pct"]),
-                    two(g["coverage_worst_seen_tercile_pct"]) if g else "-")]
-        if g:
-            rows += [row("HPD 68% / 95% coverage %", "-", two(g["hpd_coverage_pct"])),
-                     row("HPD 68% / 95% worst seen tercile %", "-", two(g["hpd_coverage_worst_seen_tercile_pct"]))]
-        rows.append(row("cost ms per fix", f"{m['ms_per_fix']:.3f}", f"{g['ms_per_fix']:.1f}" if g else "-"))
-        w = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
-        lines = [" | ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip() for r in rows]
-        lines.insert(1, "-+-".join("-" * x for x in w))
-        tail = f"{f['band']} band, {f['world']} world, {f['scenes']} scenes, seed {f['seed']}"
-        if g:
-            r = f["ratios"]
-            tail = (f"median error model/grid = {r['median_error_model_over_grid']:.3f}; cost model/grid = "
-                    f"{r['cost_model_over_grid']:.5f}; ") + tail
-        lines.append(tail + f"; CRB rms median {f['crb_rms_km']['median']} km "
-                     f"({f['crb_rms_km']['unidentifiable_pct']} % of scenes unidentifiable)")
-        return "\n".join(lines)
+        return figures_table(self.figures())
 
     def receivers_table(self) -> str:
         """The figures by number of receivers online, as a Markdown table."""
-        f = self.figures()
-        grid = "grid_posterior" in f
-        head = "| receivers | scenes | model median km |" + (" grid median km | model/grid |" if grid else "") + \
-            " model 68 % / 95 % coverage |" + (" grid HPD 68 % / 95 % |" if grid else "")
-        lines = [head, "|" + "---|" * (head.count("|") - 1)]
-        for k, r in f["by_receivers"].items():
-            c = r["model_coverage_pct"]
-            line = f"| {k} | {r['scenes']} | {r['model_median_km']:.1f} |"
-            if grid:
-                line += f" {r['grid_median_km']:.1f} | {r['median_error_model_over_grid']:.3f} |"
-            line += f" {c['0.68']:.1f} / {c['0.95']:.1f} |"
-            if grid:
-                h = r["grid_hpd_coverage_pct"]
-                line += f" {h['0.68']:.1f} / {h['0.95']:.1f} |"
-            lines.append(line)
-        return "\n".join(lines)
+        return receivers_table(self.figures())
+
+
+def figures_table(f: dict[str, Any]) -> str:
+    """An evaluation's headline figures (:meth:`EvaluationReport.figures`) as a text table."""
+    m, g = f["model"], f.get("grid_posterior")
+    cols = ("model", "grid posterior") if g else ("model",)
+
+    def row(label: str, mv: str, gv: str = "-") -> tuple[str, ...]:
+        return (label, mv, gv) if g else (label, mv)
+
+    def two(d: dict[str, float]) -> str:
+        return f"{d['0.68']:.1f} / {d['0.95']:.1f}"
+
+    rows = [("",) + cols,
+            row("median error km", f"{m['median_km']:.1f}", f"{g['median_km']:.1f}" if g else "-"),
+            row("p95 error km", f"{m['p95_km']:.1f}", f"{g['p95_km']:.1f}" if g else "-"),
+            row("68% / 95% coverage %", two(m["coverage_pct"]), two(g["coverage_pct"]) if g else "-"),
+            row("68% / 95% cov. worst tercile %", two(m["coverage_worst_tercile_pct"]),
+                two(g["coverage_worst_tercile_pct"]) if g else "-"),
+            row("68% / 95% cov. worst seen tercile %", two(m["coverage_worst_seen_tercile_pct"]),
+                two(g["coverage_worst_seen_tercile_pct"]) if g else "-")]
+    if g:
+        rows += [row("HPD 68% / 95% coverage %", "-", two(g["hpd_coverage_pct"])),
+                 row("HPD 68% / 95% worst seen tercile %", "-", two(g["hpd_coverage_worst_seen_tercile_pct"]))]
+    rows.append(row("cost ms per fix", f"{m['ms_per_fix']:.3f}", f"{g['ms_per_fix']:.1f}" if g else "-"))
+    w = [max(len(r[j]) for r in rows) for j in range(len(rows[0]))]
+    lines = [" | ".join(c.ljust(w[j]) for j, c in enumerate(r)).rstrip() for r in rows]
+    lines.insert(1, "-+-".join("-" * x for x in w))
+    tail = f"{f['band']} band, {f['world']} world, {f['scenes']} scenes, seed {f['seed']}"
+    if g:
+        r = f["ratios"]
+        tail = (f"median error model/grid = {r['median_error_model_over_grid']:.3f}; cost model/grid = "
+                f"{r['cost_model_over_grid']:.5f}; ") + tail
+    lines.append(tail + f"; CRB rms median {f['crb_rms_km']['median']} km "
+                 f"({f['crb_rms_km']['unidentifiable_pct']} % of scenes unidentifiable)")
+    return "\n".join(lines)
+
+
+def receivers_table(f: dict[str, Any]) -> str:
+    """An evaluation's figures by number of receivers online (:meth:`EvaluationReport.figures`), as a Markdown table."""
+    grid = "grid_posterior" in f
+    head = "| receivers | scenes | model median km |" + (" grid median km | model/grid |" if grid else "") + \
+        " model 68 % / 95 % coverage |" + (" grid HPD 68 % / 95 % |" if grid else "")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for k, r in f["by_receivers"].items():
+        c = r["model_coverage_pct"]
+        line = f"| {k} | {r['scenes']} | {r['model_median_km']:.1f} |"
+        if grid:
+            line += f" {r['grid_median_km']:.1f} | {r['median_error_model_over_grid']:.3f} |"
+        line += f" {c['0.68']:.1f} / {c['0.95']:.1f} |"
+        if grid:
+            h = r["grid_hpd_coverage_pct"]
+            line += f" {h['0.68']:.1f} / {h['0.95']:.1f} |"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _r(x: Any) -> float:

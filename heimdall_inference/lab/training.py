@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         model = train(stats, mask, target, spec, epochs=args.epochs, seed=args.seed)
         train_s = time.perf_counter() - t0
-        worlds = {"nominal": 1.0 - args.wide_share, "wide": args.wide_share}
+        worlds = {"nominal": round(1.0 - args.wide_share, 6), "wide": args.wide_share}
         training = {"scenes": args.scenes, "epochs": args.epochs, "seed": args.seed, "train_s": round(train_s, 1),
                     "simulate_s": round(simulate_s, 1), "threads": args.workers, "torch": torch.__version__,
                     "band": args.band, "worlds": {w: v for w, v in worlds.items() if v > 0},
@@ -369,12 +369,13 @@ def main(argv: list[str] | None = None) -> int:
             reports.append(evaluate(path, scenes=args.eval_scenes, seed=args.eval_seed,
                                     priors=Priors.preset(world, args.band), workers=args.workers))
             print(reports[-1].table())
-        spec = ModelSpec(**{**spec.__dict__, "card": card_figures(reports)})
+        worlds = [r.figures() for r in reports]
+        spec = ModelSpec(**{**spec.__dict__, "card": card_figures(worlds)})
         write_metadata(path, spec)
         card = card_path(path)
         figure = card.with_name(f"reliability_{args.band}.png")
-        plot_reliability(reports, figure, f"{spec.name} v{spec.version}: reliability of the ellipses")
-        write_model_card(reports, spec, card, figure)
+        plot_reliability(worlds, figure, f"{spec.name} v{spec.version}: reliability of the ellipses")
+        write_model_card(worlds, spec, card, figure)
     return 0
 
 

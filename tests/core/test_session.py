@@ -18,7 +18,7 @@ def test_shipped_model_contract(localizer):
     assert spec.sample_rate_hz == 12_000.0 and spec.snippet_samples == 2400
     assert spec.min_receivers == 3
     assert spec.features.offset_db == -120.0  # fixed normalisation constants from training
-    assert "evaluation" in spec.card
+    assert set(spec.card["evaluations"]) == {"nominal", "wide"} and spec.version == "2"
     info = s.info()
     assert info["sha256"] == s.sha256 and len(s.sha256) == 64
     assert info["providers"] == ["CPUExecutionProvider"]

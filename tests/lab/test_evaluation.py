@@ -58,20 +58,33 @@ def test_the_70cm_band_is_evaluated_with_its_own_physics(capsys):
     assert report.band == "70cm" and report.priors["noise_figure_db"] == 6.0 and "grid_posterior" not in report.figures()
 
 
+def test_a_card_is_rewritten_from_the_figures_in_its_models_metadata(tmp_path):
+    import shutil
+
+    from heimdall_inference.lab.card import rewrite_card
+
+    model = tmp_path / "localization_model_70cm.onnx"
+    shutil.copy(shipped_model_path("70cm"), model)
+    card = rewrite_card(model)
+    assert card == tmp_path / "MODEL_CARD_70cm.md" and (tmp_path / "reliability_70cm.png").is_file()
+    shipped = card_path(shipped_model_path("70cm")).read_text()
+    assert card.read_text() == shipped  # the shipped card is exactly what its metadata says
+
+
 def test_the_card_shows_every_world_its_receiver_counts_and_its_reliability_diagram(tmp_path):
     path = shipped_model_path("2m")
-    reports = [evaluate(path, scenes=40, seed=9, priors=Priors.preset(w, "2m"), grid_step_m=10000.0)
-               for w in ("nominal", "wide")]
+    worlds = [evaluate(path, scenes=40, seed=9, priors=Priors.preset(w, "2m"), grid_step_m=10000.0).figures()
+              for w in ("nominal", "wide")]
     spec = ModelSession(path).spec
     card, png = tmp_path / "MODEL_CARD.md", tmp_path / "reliability_2m.png"
-    plot_reliability(reports, png, "test")
-    write_model_card(reports, spec, card, png)
+    plot_reliability(worlds, png, "test")
+    write_model_card(worlds, spec, card, png)
     text = card.read_text()
     assert "### nominal world (40 scenes" in text and "### wide world (40 scenes" in text
     assert "![reliability diagram](reliability_2m.png)" in text and png.is_file()
     assert text.count("| receivers | scenes |") == 2
     doc = json.loads(text[text.rindex("```json") + 7:text.rindex("```")])
-    assert doc == json.loads(json.dumps(card_figures(reports)))
+    assert doc == json.loads(json.dumps(card_figures(worlds)))
     assert set(doc["evaluations"]) == {"nominal", "wide"}
 
 

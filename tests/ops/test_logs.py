@@ -30,6 +30,6 @@ def test_a_real_workers_success_lines_summarise_the_fix(tmp_path, scenes_and_pay
     assert len(done) == 3, text[-3000:]
     for d, f in zip(sorted(done, key=lambda d: d["request_id"]), fixes):
         assert (d["task_id"], d["task_name"], d["request_id"], d["model_version"]) == (
-            f["task_id"], "heimdall.predict", f["request_id"], "1")
+            f["task_id"], "heimdall.predict", f["request_id"], "2")
         assert d["level"] == "INFO" and d["logger"] == "celery.app.trace" and d["ts"].endswith("+00:00")
     assert any(d["message"].startswith("broker: amqp://") for d in lines)  # the worker's own lines too

@@ -46,7 +46,7 @@ def test_the_service_records_fixes_rejections_stages_and_batches(localizer, scen
     out = svc.predict_requests([Request(d, f"t{i}") for i, d in enumerate(docs + [bad])])
     assert isinstance(out[-1], PayloadError)
     v = reg.get_sample_value
-    assert v("heimdall_fixes_total", {"model": "localization_model", "model_version": "1", "role": "served", "cached": "false"}) == 5
+    assert v("heimdall_fixes_total", {"model": "localization_model", "model_version": "2", "role": "served", "cached": "false"}) == 5
     assert v("heimdall_rejections_total", {"code": "too_few_receivers"}) == 1
     assert v("heimdall_batch_size_count") == 1 and v("heimdall_batch_size_sum") == 6
     assert v("heimdall_stage_seconds_count", {"stage": "inference"}) == 5
@@ -86,7 +86,7 @@ def test_a_worker_exports_its_childrens_metrics_and_health(tmp_path, scenes_and_
         code, text = _get(f"http://127.0.0.1:{port}/metrics")
         assert code == 200
         m = _samples(text)
-        served = (("model", "localization_model"), ("model_version", "1"), ("role", "served"))
+        served = (("model", "localization_model"), ("model_version", "2"), ("role", "served"))
         assert m[("heimdall_fixes_total", (("cached", "false"), *served))] == 6
         assert m[("heimdall_fixes_total", (("cached", "true"), *served))] == 1
         assert m[("heimdall_rejections_total", (("code", "too_few_receivers"),))] == 1
@@ -103,7 +103,7 @@ def test_a_worker_exports_its_childrens_metrics_and_health(tmp_path, scenes_and_
         code, body = _get(f"http://127.0.0.1:{port}/readyz")
         ready = json.loads(body)
         assert code == 200 and ready["status"] == "ready" and ready["children_without_model"] == 0, ready
-        assert ready["models"] == [{"version": "1", "alias": None}] and ready["database"] == "ok"
+        assert ready["models"] == [{"version": "2", "alias": None, "bands": {"localization_model_70cm": "1"}}] and ready["database"] == "ok"
         assert store.count_fixes() == 7
         # the main process' own figures: the broker's queues (the dead-letter queue holds what we put there)
         assert m[("heimdall_broker_up", ())] == 1 and m[("heimdall_worker_children", ())] == 2
@@ -159,7 +159,7 @@ def test_a_solo_pool_worker_keeps_its_exporter_and_records_metrics(tmp_path, sce
         assert code == 200 and json.loads(body)["children"] == 1
         code, text = _get(f"http://127.0.0.1:{port}/metrics")
         assert code == 200 and _samples(text)[("heimdall_fixes_total", (("cached", "false"), ("model", "localization_model"),
-                                                                                  ("model_version", "1"), ("role", "served")))] == 2
+                                                                                  ("model_version", "2"), ("role", "served")))] == 2
         assert store.count_fixes() == 2
 
 

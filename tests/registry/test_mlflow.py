@@ -58,7 +58,7 @@ def _model_version_column(schema: str, key: str) -> str:
 def test_register_promote_list_and_info_through_the_cli(mlflow, capsys, tmp_path):
     v = _registered(capsys)
     assert v["sha256"] == __import__("hashlib").sha256(default_model_path().read_bytes()).hexdigest()
-    assert v["contract"] == "heimdall.model/v1" and v["model_version"] == "1" and v["aliases"] == []
+    assert v["contract"] == "heimdall.model/v1" and v["model_version"] == "2" and v["aliases"] == []
     assert float(v["card"]["model.median_km"]) > 0 and float(v["card"]["model.coverage_0.95"]) > 90
     assert any(k.endswith("model/localization_model.onnx") for k in mlflow.s3_keys())  # artifacts in S3
     assert any(k.endswith("model/MODEL_CARD.md") for k in mlflow.s3_keys())
@@ -123,8 +123,10 @@ def test_a_worker_serves_the_alias_and_falls_back_to_its_cached_copy(mlflow, cap
             assert "heimdall_model_registry_fallbacks_total 1.0" in metrics
             served = [dict(re.findall(r'(\w+)="([^"]*)"', labels)) for labels, value in
                       re.findall(r"^heimdall_model_info\{([^}]*)\} (\S+)$", metrics, re.M) if float(value) == 1.0]
-            assert [{k: d[k] for k in ("name", "version", "alias", "source")} for d in served] == [
-                {"name": "localization_model", "version": v["version"], "alias": "production", "source": "cache"}]
+            assert sorted(({k: d[k] for k in ("name", "version", "alias", "source")} for d in served),
+                          key=lambda d: d["name"]) == [
+                {"name": "localization_model", "version": v["version"], "alias": "production", "source": "cache"},
+                {"name": "localization_model_70cm", "version": "1", "alias": "", "source": "shipped"}]  # its band's
         finally:
             again.stop()
     print(f"worker ready from the registry (first download) in {ready_s:.1f} s")
@@ -387,7 +389,8 @@ def test_both_bands_from_the_registry_and_the_70cm_alias_swapped_alone(mlflow, c
     code, boot = _cli(capsys, "model", "bootstrap", "--alias", "production")
     assert code == 0 and [b["name"] for b in boot] == ["localization_model", "localization_model_70cm"], boot
     uhf = next(b for b in boot if b["name"] == "localization_model_70cm")
-    assert uhf["aliases"] == ["production"] and uhf["model_name"] == "localization_model_70cm"
+    assert uhf["aliases"] == ["production"] and uhf["sha256"] == __import__("hashlib").sha256(
+        shipped_model_path("70cm").read_bytes()).hexdigest()
     assert any(k.endswith("model/MODEL_CARD_70cm.md") for k in mlflow.s3_keys())
     assert any(k.endswith("model/reliability_70cm.png") for k in mlflow.s3_keys())
     scenes, iq = simulate(spec.network, 2, seed=4545, priors=Priors.nominal("70cm"), signal=signal)

@@ -109,7 +109,7 @@ def test_options_model_and_frequencies_outside_every_band(localizer, uhf, uhf_pa
 
 def test_the_shadow_and_the_split_stay_in_the_served_models_band(localizer, uhf, uhf_payloads, scenes_and_payloads,
                                                                   tmp_path):
-    challenger = Localizer(shifted_model(tmp_path / "shifted.onnx"), name="localization_model", version="2")
+    challenger = Localizer(shifted_model(tmp_path / "shifted.onnx"), name="localization_model", version="3")
     store = MemoryStore()
     router = Router(Arm(localizer, alias="production"), {"challenger": Arm(challenger, alias="challenger",
                                                                               ref="challenger")},

@@ -22,7 +22,7 @@ from ..models import shifted_model
 @pytest.fixture(scope="module")
 def challenger(tmp_path_factory) -> Localizer:
     return Localizer(shifted_model(tmp_path_factory.mktemp("models") / "shifted.onnx"), name="localization_model",
-                     version="2")
+                     version="3")
 
 
 def _router(localizer, challenger, split="production=80,challenger=20", shadow="", allow="") -> Router:
@@ -71,13 +71,13 @@ def test_options_model_picks_an_allowed_arm_and_anything_else_is_a_typed_error(l
         r.choose(_decoded(localizer, doc, options={"model": "challenger"}))
     assert err.value.code == PayloadCode.UNKNOWN_MODEL and err.value.field == "options.model"
     r = _router(localizer, challenger, split="", allow="challenger")
-    for name in ("challenger", "2", "localization_model@challenger", "models:/localization_model/2"):
+    for name in ("challenger", "3", "localization_model@challenger", "models:/localization_model/3"):
         assert r.choose(_decoded(localizer, doc, options={"model": name})).alias == "challenger"
-    for name in ("production", "1", "models:/localization_model@production"):
+    for name in ("production", "2", "models:/localization_model@production"):
         assert r.choose(_decoded(localizer, doc, options={"model": name})).alias == "production"
     assert r.choose(_decoded(localizer, doc, session_id="anyone")).alias == "production"  # no split: the served one
     with pytest.raises(PayloadError, match="is not served here"):
-        r.choose(_decoded(localizer, doc, options={"model": "3"}))
+        r.choose(_decoded(localizer, doc, options={"model": "4"}))
 
 
 def test_an_arm_that_is_not_loaded_gives_its_share_to_the_served_model(localizer, scenes_and_payloads):
@@ -113,11 +113,11 @@ def test_the_shadow_runs_on_the_same_features_and_is_stored_beside_never_returne
     reqs = [Request({**copy.deepcopy(d), "request_id": f"r{i}"}, f"t{i}") for i, d in enumerate(docs)]
     out = svc.predict_requests(reqs)
     assert counting.calls == 1  # one feature pass for the served model and the shadow
-    assert all(f["model"] == {"name": "localization_model", "version": "1", "alias": "production"} for f in out)
+    assert all(f["model"] == {"name": "localization_model", "version": "2", "alias": "production"} for f in out)
     assert sorted(k for k, _, _ in store.shadows) == [f"r{i}" for i in range(8)]
     for f in out:
-        sh = store.shadows[(f["request_id"], f["captured_at"], "2")]
-        assert (sh["served_version"], sh["model_alias"]) == ("1", "challenger")
+        sh = store.shadows[(f["request_id"], f["captured_at"], "3")]
+        assert (sh["served_version"], sh["model_alias"]) == ("2", "challenger")
         assert sh["east_m"] - f["position"]["east_m"] == pytest.approx(2000.0, abs=0.2)  # the shifted model
         assert sh["north_m"] == pytest.approx(f["position"]["north_m"], abs=0.2)
         assert sh["cov_ee_m2"] == pytest.approx(f["uncertainty"]["covariance_enu_m2"][0][0], rel=1e-6)
@@ -146,7 +146,7 @@ def test_a_split_serves_each_arm_from_its_own_model_and_cache_key(localizer, cha
                                 for i, d in enumerate(docs)])
     by_arm = {a: [f for f in out if f["model"]["alias"] == a] for a in ("production", "challenger")}
     assert by_arm["production"] and by_arm["challenger"]
-    assert {f["model"]["version"] for f in by_arm["challenger"]} == {"2"}
+    assert {f["model"]["version"] for f in by_arm["challenger"]} == {"3"}
     assert {f["request_id"] for f in by_arm["challenger"]} == {
         f"q{i}" for i in range(20) if draw(f"s{i}") >= 0.5}
     assert {r["model_alias"] for r in store.fixes.values()} == {"production", "challenger"}
@@ -184,7 +184,7 @@ def test_a_failing_shadow_never_fails_the_served_fix(localizer, challenger, scen
                                 for i, d in enumerate(scenes_and_payloads[1][:3])])
     assert all(isinstance(f, dict) for f in out) and store.count_fixes() == 3 and not store.shadows
     assert reg.get_sample_value("heimdall_shadow_errors_total") == 3
-    assert reg.get_sample_value("heimdall_fixes_total", {"model": "localization_model", "model_version": "1", "role": "served",
+    assert reg.get_sample_value("heimdall_fixes_total", {"model": "localization_model", "model_version": "2", "role": "served",
                                                          "cached": "false"}) == 3
 
 
@@ -199,7 +199,7 @@ def test_shadow_metrics_count_the_shadow_and_how_far_it_lies(localizer, challeng
     svc.predict_requests([Request({**copy.deepcopy(d), "request_id": f"m{i}"}, f"t{i}")
                           for i, d in enumerate(scenes_and_payloads[1][:5])])
     v = reg.get_sample_value
-    assert v("heimdall_fixes_total", {"model": "localization_model", "model_version": "2", "role": "shadow", "cached": "false"}) == 5
+    assert v("heimdall_fixes_total", {"model": "localization_model", "model_version": "3", "role": "shadow", "cached": "false"}) == 5
     assert v("heimdall_shadow_distance_meters_count") == 5
     assert v("heimdall_shadow_distance_meters_bucket", {"le": "1000.0"}) == 0
     assert v("heimdall_shadow_distance_meters_bucket", {"le": "2500.0"}) == 5  # 2 km apart, every one

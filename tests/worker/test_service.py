@@ -29,9 +29,9 @@ def test_predict_stores_one_row_per_key(service, scenes_and_payloads):
 def test_options_model_must_name_the_served_model(service, scenes_and_payloads):
     """options.model used to be parsed and ignored: a payload asking for another model got this one's fix."""
     base = scenes_and_payloads[1][3]
-    for i, ask in enumerate(("production", "1", "localization_model@production", "models:/localization_model/1")):
+    for i, ask in enumerate(("production", "2", "localization_model@production", "models:/localization_model/2")):
         fix = service.predict({**copy.deepcopy(base), "request_id": f"ask-{i}", "options": {"model": ask}}, task_id=f"a{i}")
-        assert fix["model"] == {"name": "localization_model", "version": "1", "alias": "production"}
+        assert fix["model"] == {"name": "localization_model", "version": "2", "alias": "production"}
     with pytest.raises(PayloadError) as err:
         service.predict({**copy.deepcopy(base), "request_id": "ask-other", "options": {"model": "challenger"}},
                         task_id="other")

@@ -9,7 +9,7 @@ import numpy as np
 from .payload import DecodedPayload
 from .spec import ModelSpec
 from .quality import fix_quality, thresholds
-from .uncertainty import DEFAULT_CONFIDENCES, Ellipse, ellipse_axes, ellipse_rings_enu, geojson_polygons
+from .uncertainty import DEFAULT_CONFIDENCES, ellipse_axes, ellipse_rings_enu, geojson_polygons
 
 __all__ = ["SCHEMA_FIX", "build_fixes", "ellipse_radius", "covers"]
 
@@ -36,20 +36,27 @@ def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.nda
     model = {"name": name or spec.name, "version": version or spec.version, "alias": alias}
     quality = fix_quality(spec.network, [d.receiver_ids for d in decoded], [d.iq for d in decoded],
                           spec.features.full_scale_dbm, mean_enu, **thresholds(spec.quality))
+    # every number of the batch leaves numpy in one conversion per field, rounded as Ellipse.to_dict rounds
+    lat_r = [round(x, 6) for x in lat.tolist()]
+    lon_r = [round(x, 6) for x in lon.tolist()]
+    east_r = [round(x, 1) for x in mean_enu[:, 0].tolist()]
+    north_r = [round(x, 1) for x in mean_enu[:, 1].tolist()]
+    covs = cov.tolist()
+    majors, minors, bearings = major.tolist(), minor.tolist(), bearing.tolist()
     out = []
     for i, d in enumerate(decoded):
-        c = cov[i]
+        (c00, c01), (c10, c11) = covs[i]
+        b = round(bearings[i], 2)
         out.append({
             "schema": SCHEMA_FIX,
             "task_id": task_ids[i],
             "request_id": d.request_id,
             "captured_at": d.captured_at,
-            "position": {"lat": round(float(lat[i]), 6), "lon": round(float(lon[i]), 6),
-                         "east_m": round(float(mean_enu[i, 0]), 1), "north_m": round(float(mean_enu[i, 1]), 1)},
+            "position": {"lat": lat_r[i], "lon": lon_r[i], "east_m": east_r[i], "north_m": north_r[i]},
             "uncertainty": {
-                "covariance_enu_m2": [[float(c[0, 0]), float(c[0, 1])], [float(c[1, 0]), float(c[1, 1])]],
-                "ellipses": [Ellipse(confidence=p, semi_major_m=float(major[i, j]), semi_minor_m=float(minor[i, j]),
-                                     orientation_deg=float(bearing[i])).to_dict()
+                "covariance_enu_m2": [[c00, c01], [c10, c11]],
+                "ellipses": [{"confidence": p, "semi_major_m": round(majors[i][j], 1),
+                              "semi_minor_m": round(minors[i][j], 1), "orientation_deg": b}
                              for j, p in enumerate(DEFAULT_CONFIDENCES)],
                 "geojson": shapes[i],
             },

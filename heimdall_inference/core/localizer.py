@@ -110,7 +110,7 @@ class Localizer:
         iq = np.concatenate([d.iq for d in decoded]) if b else np.zeros((0, self.spec.snippet_samples), np.complex64)
         feats = np.zeros((b, r, m, t), np.float32)
         if len(rows):
-            feats[rows, slots] = self.plan(iq)
+            feats[rows, slots] = np.swapaxes(self.plan.frames_last(iq), -1, -2)  # one copy, into place
             mask[rows, slots] = 1.0
         return FeatureBatch(feats, mask, (time.perf_counter() - t0) * 1e3)
 

@@ -101,16 +101,46 @@ def _outside(edges: tuple[np.ndarray, np.ndarray], p: np.ndarray) -> float:
     return float(np.min(np.hypot(*(ap - t[:, None] * ab).T)))
 
 
-_HULLS: dict[tuple[Network, frozenset[str]], tuple[np.ndarray, np.ndarray] | None] = {}
+_HULLS: dict[int, tuple[Network, dict[frozenset[str], tuple[np.ndarray, np.ndarray] | None]]] = {}
 
 
 def _receivers_hull(network: Network, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The hull of a set of the network's receivers (a network of R receivers has at most 2^R such sets)."""
-    key = (network, frozenset(ids))
-    if key not in _HULLS:
+    """The hull of a set of the network's receivers (a network of R receivers has at most 2^R such sets). Kept per
+    network object: hashing the network itself for every fix cost more than the hull."""
+    held = _HULLS.get(id(network))
+    if held is None or held[0] is not network:
+        held = _HULLS[id(network)] = (network, {})
+    hulls = held[1]
+    key = frozenset(ids)
+    if key not in hulls:
         rx = network.receiver_enu()
-        _HULLS[key] = _hull_edges(rx[[network.index[r] for r in ids]])
-    return _HULLS[key]
+        hulls[key] = _hull_edges(rx[[network.index[r] for r in ids]])
+    return hulls[key]
+
+
+def _outside_many(hulls: Sequence[tuple[np.ndarray, np.ndarray] | None], p: np.ndarray) -> np.ndarray:
+    """:func:`_outside` for many (hull, point) pairs at once: [B] metres, NaN where the hull is degenerate. The
+    hulls' edges are padded to a common count with edges of zero length at their first vertex (a point's distance to
+    a vertex of the hull is never smaller than its distance to the hull, and the inside test holds on them)."""
+    b = len(hulls)
+    h = max([len(e[0]) for e in hulls if e is not None] + [3])
+    a = np.zeros((b, h, 2))
+    e = np.zeros((b, h, 2))
+    ok = np.zeros(b, bool)
+    for i, edges in enumerate(hulls):
+        if edges is None:
+            continue
+        k = len(edges[0])
+        a[i, :k], e[i, :k] = edges
+        a[i, k:] = e[i, k:] = edges[0][0]
+        ok[i] = True
+    ab = e - a  # [B, H, 2]
+    ap = p[:, None, :] - a
+    inside = np.all(ab[..., 0] * ap[..., 1] - ab[..., 1] * ap[..., 0] >= -1e-6, axis=1)
+    length2 = np.einsum("bhj,bhj->bh", ab, ab)
+    t = np.clip(np.einsum("bhj,bhj->bh", ap, ab) / np.where(length2 > 0, length2, 1.0), 0.0, 1.0)
+    d = np.hypot(ap[..., 0] - t * ab[..., 0], ap[..., 1] - t * ab[..., 1]).min(axis=1)
+    return np.where(ok, np.where(inside, 0.0, d), np.nan)
 
 
 def power_residual_db(rx_enu: np.ndarray, power_dbm: np.ndarray, p: np.ndarray) -> float | None:
@@ -163,11 +193,11 @@ def fix_quality(network: Network, receiver_ids: Sequence[Sequence[str]], iq: Seq
     used[owner, rows] = True
     p = np.asarray(mean_enu, float)
     residual = _residuals(np.broadcast_to(network.receiver_enu(), (b, r, 2)), power, used, p)
+    outside_m = _outside_many([_receivers_hull(network, ids) for ids in receiver_ids], p)
     out = []
-    for i, ids in enumerate(receiver_ids):
-        edges = _receivers_hull(network, ids)
-        outside = None if edges is None else _outside(edges, p[i])
-        res = None if np.isnan(residual[i]) else float(residual[i])
+    for outside, res in zip(outside_m.tolist(), residual.tolist()):
+        outside = None if outside != outside else outside  # NaN: the receivers span no area
+        res = None if res != res else res
         reasons = []
         if outside is None:
             reasons.append("the receivers span no area")

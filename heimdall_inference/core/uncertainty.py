@@ -142,11 +142,7 @@ def ellipse_geojson_batch(network: Network, centers_enu: np.ndarray, cov: np.nda
 
 def geojson_polygons(lon: np.ndarray, lat: np.ndarray, confidence: float) -> list[dict]:
     """[B, N + 1] closed counter-clockwise rings in degrees -> GeoJSON Polygon Features (RFC 7946)."""
-    lon, lat = np.round(lon, 6), np.round(lat, 6)
-    out = []
-    for b in range(len(lon)):
-        coords = np.stack([lon[b], lat[b]], axis=1).tolist()
-        coords[-1] = coords[0]
-        out.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [coords]},
-                    "properties": {"confidence": confidence}})
-    return out
+    rings = np.stack([np.round(lon, 6), np.round(lat, 6)], axis=-1)  # [B, N + 1, 2]
+    rings[:, -1] = rings[:, 0]  # closed exactly (RFC 7946)
+    return [{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [coords]},
+             "properties": {"confidence": confidence}} for coords in rings.tolist()]  # one conversion for the batch

@@ -57,6 +57,20 @@ def storable_text(text: str | None, limit: int | None = None) -> str | None:
     return text.encode("utf-8", "replace").decode("utf-8").replace("\x00", "\ufffd")
 
 
+def other_payload(stored: str | None, new: str | None) -> bool:
+    """Is a row stored with digest ``stored`` another payload than one with digest ``new``? Only digests of the
+    same scheme compare: a digest names its scheme before a colon (``b3:`` for BLAKE3), none for the BLAKE2b
+    digests of earlier versions, so a task redelivered across an upgrade is a duplicate, never a conflict."""
+    if not stored or not new or stored == new:
+        return False
+    return _scheme(stored) == _scheme(new)
+
+
+def _scheme(digest: str) -> str:
+    head, sep, _ = digest.partition(":")
+    return head if sep else "blake2b"
+
+
 def fix_row(fix: dict[str, Any], digest: str = "") -> dict[str, Any]:
     """A ``heimdall.fix/v1`` document -> one ``predictions`` row.
 
@@ -171,7 +185,7 @@ class MemoryStore:
                 if k not in self.fixes:
                     self.fixes[k] = r
                     new += 1
-                elif r.get("digest") and self.fixes[k].get("digest") not in (None, r["digest"]):
+                elif other_payload(self.fixes[k].get("digest"), r.get("digest")):
                     conflicts.add(i)
             for i, sh in enumerate(shadows or ()):
                 if sh is not None and i not in conflicts:

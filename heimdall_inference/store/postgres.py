@@ -19,7 +19,8 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from ..errors import ConfigError, StorageError, TransientError
-from .base import EXPORT_COLUMNS, FIX_COLUMNS, PAIR_COLUMNS, REJECTION_COLUMNS, SHADOW_COLUMNS, TIMESCALEDB_MODES, FixWrites
+from .base import (EXPORT_COLUMNS, FIX_COLUMNS, PAIR_COLUMNS, REJECTION_COLUMNS, SHADOW_COLUMNS, TIMESCALEDB_MODES, FixWrites,
+                   other_payload)
 
 __all__ = ["PostgresStore"]
 
@@ -237,7 +238,7 @@ class PostgresStore:
         out = set()
         for i, r in enumerate(rows):
             d = stored.get((r["fix_key"], datetime.fromisoformat(r["captured_at"])))
-            if r.get("digest") and d is not None and d != r["digest"]:
+            if other_payload(d, r.get("digest")):
                 out.add(i)
         return frozenset(out)
 

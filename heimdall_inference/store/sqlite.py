@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, StorageError, TransientError
-from .base import EXPORT_COLUMNS, FIX_COLUMNS, PAIR_COLUMNS, REJECTION_COLUMNS, SHADOW_COLUMNS, FixWrites
+from .base import EXPORT_COLUMNS, FIX_COLUMNS, PAIR_COLUMNS, REJECTION_COLUMNS, SHADOW_COLUMNS, FixWrites, other_payload
 
 __all__ = ["SqliteStore"]
 
@@ -113,7 +113,7 @@ class SqliteStore:
                     if r.get("digest"):
                         got = conn.execute("SELECT digest FROM predictions WHERE fix_key = ? AND captured_at = ?",
                                            (r["fix_key"], r["captured_at"])).fetchone()
-                        if got is not None and got[0] is not None and got[0] != r["digest"]:
+                        if got is not None and other_payload(got[0], r["digest"]):
                             conflicts.add(i)
             beside = [tuple(sh[c] for c in SHADOW_COLUMNS) for i, sh in enumerate(shadows or ())
                       if sh is not None and i not in conflicts]

@@ -63,7 +63,7 @@ def test_valid_json_and_msgpack_decode_to_the_same_iq(decoder, payload):
     np.testing.assert_array_equal(from_json.iq, from_msgpack.iq)
     assert from_json.iq.shape == (len(payload["receivers"]), decoder.spec.snippet_samples)
     assert from_json.iq.dtype == np.complex64
-    assert from_json.digest == from_msgpack.digest and len(from_json.digest) == 32
+    assert from_json.digest == from_msgpack.digest and from_json.digest.startswith("b3:") and len(from_json.digest) == 35
     assert from_json.captured_at == "2026-11-23T07:00:00.000Z"
     assert from_json.request_id == payload["request_id"]
 
@@ -351,7 +351,7 @@ def test_digest_can_be_skipped_for_paths_without_cache(decoder, payload):
     payload = {k: v for k, v in payload.items() if k != "request_id"}  # a request id always gets one
     with_key = decoder.decode(payload)
     without = decoder.decode(payload, digest=False)
-    assert without.digest == "" and len(with_key.digest) == 32
+    assert without.digest == "" and len(with_key.digest) == 35
     np.testing.assert_array_equal(without.iq, with_key.iq)
 
 

@@ -41,7 +41,17 @@ def _exercise(store, fixes, **init):
     other = fix_row(fixes[1], "another-digest")
     assert store.write_fixes([rows[2], other, rows[3]]) == FixWrites(0, frozenset({1}))
     assert store.write_fixes([fix_row(fixes[2])]) == FixWrites(0)  # no digest (a task-id key): never a conflict
-    assert store.count_fixes() == 5
+    # a row stored by an earlier version (a BLAKE2b digest) and its task redelivered to this one (BLAKE3, "b3:"): the
+    # digests do not compare, so a duplicate, not a conflict; two BLAKE3 digests that differ: a conflict
+    upgraded = copy.deepcopy(fixes[3])
+    upgraded["captured_at"] = "2026-11-25T07:00:00.000Z"
+    assert store.write_fixes([fix_row(upgraded, "9f" * 16)]).new == 1
+    assert store.write_fixes([fix_row(upgraded, "b3:" + "ab" * 16)]) == FixWrites(0)
+    again = copy.deepcopy(upgraded)
+    again["captured_at"] = "2026-11-26T07:00:00.000Z"
+    assert store.write_fixes([fix_row(again, "b3:" + "ab" * 16)]).new == 1
+    assert store.write_fixes([fix_row(again, "b3:" + "cd" * 16)]) == FixWrites(0, frozenset({0}))
+    assert store.count_fixes() == 7
     bad = {"code": "bad_base64", "message": "x\x00y\ud800", "field": "receivers[0].iq.data"}
     for _ in range(2):  # redelivered: recorded once
         store.write_rejections([rejection_row(bad, task_id="t", request_id="r\x00", receivers=["tor\x00ino"],

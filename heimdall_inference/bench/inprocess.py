@@ -59,6 +59,9 @@ def bench_in_process(model_path: str | Path | None = None, *, batch_sizes: tuple
 
 
 def _bench(model_path, batch_sizes, seconds_per_size, payloads, seed) -> dict[str, Any]:
+    from ..ops.cpu import one_thread_per_process
+
+    one_thread_per_process()  # one core: no native thread pool of more
     loc = Localizer(model_path, session_options=SessionOptions(intra_op_threads=1))
     raw = make_payloads(loc, payloads, seed)
     out: dict[str, Any] = {"payloads": payloads, "payload_bytes_mean": sum(map(len, raw)) / len(raw),

@@ -34,8 +34,10 @@ def build_fixes(decoded: list[DecodedPayload], mean_enu: np.ndarray, cov: np.nda
                               DEFAULT_CONFIDENCES[-1])
     task_ids = task_ids or [None] * len(decoded)
     model = {"name": name or spec.name, "version": version or spec.version, "alias": alias}
+    powers = [d.mean_power for d in decoded]
     quality = fix_quality(spec.network, [d.receiver_ids for d in decoded], [d.iq for d in decoded],
-                          spec.features.full_scale_dbm, mean_enu, **thresholds(spec.quality))
+                          spec.features.full_scale_dbm, mean_enu, **thresholds(spec.quality),
+                          powers=None if any(p is None for p in powers) else powers)
     # every number of the batch leaves numpy in one conversion per field, rounded as Ellipse.to_dict rounds
     lat_r = [round(x, 6) for x in lat.tolist()]
     lon_r = [round(x, 6) for x in lon.tolist()]

@@ -32,6 +32,7 @@ import scipy.signal
 from .codec import CI16_FULL_SCALE, DTYPES, SCHEMA_IQ, iq_from_bytes, loads_raw
 from ..errors import PayloadCode as C
 from ..errors import PayloadError, TransientError
+from .quality import mean_power
 from .spec import ModelSpec
 from .types import IQ
 
@@ -85,6 +86,7 @@ class DecodedPayload:
     options: PayloadOptions = field(default_factory=PayloadOptions)
     digest: str = ""  #: ``b3:`` + BLAKE3 of receiver ids, encodings and IQ bytes (the cache key's payload part)
     size_bytes: int = 0  #: IQ bytes on the wire
+    mean_power: np.ndarray | None = None  #: [receivers] mean |x|^2 of ``iq`` (the quality flag's), measured at decode
 
 
 def _peak(parts: np.ndarray, scale: np.float32, limit: float) -> float:
@@ -254,7 +256,7 @@ class PayloadDecoder:
         ids, iq, key, size = self._receivers(doc, need, digest or request_id is not None, (up, down))
         return DecodedPayload(captured_at=captured_at, center_freq_hz=center, sample_rate_hz=rate,
                               receiver_ids=tuple(ids), iq=iq, request_id=request_id, session_id=session_id,
-                              options=options, digest=key, size_bytes=size)
+                              options=options, digest=key, size_bytes=size, mean_power=mean_power(iq))
 
     # -- pieces ------------------------------------------------------------------------------
     def _parse(self, raw: bytes | bytearray | memoryview | dict[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import numpy as np
 
 from .network import Network
 
-__all__ = ["fix_quality", "power_residual_db", "hull_distance_m", "hull_distances_m", "thresholds", "FAIR_RESIDUAL_DB", "POOR_RESIDUAL_DB",
+__all__ = ["fix_quality", "mean_power", "power_residual_db", "hull_distance_m", "hull_distances_m", "thresholds", "FAIR_RESIDUAL_DB", "POOR_RESIDUAL_DB",
            "FAIR_OUTSIDE_M", "GRADES"]
 
 FAIR_RESIDUAL_DB = 9.5  #: about the nominal world's 95th percentile of residual_db (9.4 dB over 2,000 scenes)
@@ -101,12 +101,13 @@ def _outside(edges: tuple[np.ndarray, np.ndarray], p: np.ndarray) -> float:
     return float(np.min(np.hypot(*(ap - t[:, None] * ab).T)))
 
 
-_HULLS: dict[int, tuple[Network, dict[frozenset[str], tuple[np.ndarray, np.ndarray] | None]]] = {}
+_HULLS: dict[int, tuple[Network, dict[frozenset[str], tuple[np.ndarray, np.ndarray, bool]]]] = {}
 
 
-def _receivers_hull(network: Network, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray] | None:
-    """The hull of a set of the network's receivers (a network of R receivers has at most 2^R such sets). Kept per
-    network object: hashing the network itself for every fix cost more than the hull."""
+def _receivers_hull(network: Network, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The hull of a set of the network's receivers (a network of R receivers has at most 2^R such sets), as its
+    edges' starts and ends padded to R edges ([R, 2] each; see :func:`_outside_many`) and whether it spans an area.
+    Kept per network object: hashing the network itself for every fix cost more than the hull."""
     held = _HULLS.get(id(network))
     if held is None or held[0] is not network:
         held = _HULLS[id(network)] = (network, {})
@@ -114,27 +115,24 @@ def _receivers_hull(network: Network, ids: Sequence[str]) -> tuple[np.ndarray, n
     key = frozenset(ids)
     if key not in hulls:
         rx = network.receiver_enu()
-        hulls[key] = _hull_edges(rx[[network.index[r] for r in ids]])
+        edges = _hull_edges(rx[[network.index[r] for r in ids]])
+        a, e = np.zeros((len(network), 2)), np.zeros((len(network), 2))
+        if edges is not None:
+            k = len(edges[0])
+            a[:k], e[:k] = edges
+            a[k:] = e[k:] = edges[0][0]
+        hulls[key] = (a, e, edges is not None)
     return hulls[key]
 
 
-def _outside_many(hulls: Sequence[tuple[np.ndarray, np.ndarray] | None], p: np.ndarray) -> np.ndarray:
+def _outside_many(hulls: Sequence[tuple[np.ndarray, np.ndarray, bool]], p: np.ndarray) -> np.ndarray:
     """:func:`_outside` for many (hull, point) pairs at once: [B] metres, NaN where the hull is degenerate. The
     hulls' edges are padded to a common count with edges of zero length at their first vertex (a point's distance to
     a vertex of the hull is never smaller than its distance to the hull, and the inside test holds on them)."""
-    b = len(hulls)
-    h = max([len(e[0]) for e in hulls if e is not None] + [3])
-    a = np.zeros((b, h, 2))
-    e = np.zeros((b, h, 2))
-    ok = np.zeros(b, bool)
-    for i, edges in enumerate(hulls):
-        if edges is None:
-            continue
-        k = len(edges[0])
-        a[i, :k], e[i, :k] = edges
-        a[i, k:] = e[i, k:] = edges[0][0]
-        ok[i] = True
-    ab = e - a  # [B, H, 2]
+    a = np.stack([h[0] for h in hulls])  # [B, H, 2]
+    e = np.stack([h[1] for h in hulls])
+    ok = np.array([h[2] for h in hulls])
+    ab = e - a
     ap = p[:, None, :] - a
     inside = np.all(ab[..., 0] * ap[..., 1] - ab[..., 1] * ap[..., 0] >= -1e-6, axis=1)
     length2 = np.einsum("bhj,bhj->bh", ab, ab)
@@ -174,19 +172,26 @@ def thresholds(quality: dict[str, float]) -> dict[str, float]:
             "poor_residual_db": float(quality.get("poor_residual_db", POOR_RESIDUAL_DB))}
 
 
+def mean_power(iq: np.ndarray) -> np.ndarray:
+    """[r, n] complex64 IQ -> [r] mean |x|^2 per receiver (full-scale units), as the quality flag reads it."""
+    flat = np.asarray(iq, np.complex64).view(np.float32)  # [r, 2n] I, Q interleaved
+    return np.einsum("ij,ij->i", flat, flat) / (flat.shape[1] // 2)
+
+
 def fix_quality(network: Network, receiver_ids: Sequence[Sequence[str]], iq: Sequence[np.ndarray],
                 full_scale_dbm: float, mean_enu: np.ndarray, *, fair_residual_db: float = FAIR_RESIDUAL_DB,
-                poor_residual_db: float = POOR_RESIDUAL_DB) -> list[dict[str, Any]]:
+                poor_residual_db: float = POOR_RESIDUAL_DB,
+                powers: Sequence[np.ndarray] | None = None) -> list[dict[str, Any]]:
     """The ``quality`` field of each fix: ``receiver_ids[b]`` heard it with IQ ``iq[b]`` [r, n] complex64
-    (full-scale units); its position is ``mean_enu[b]`` (metres). The residual thresholds are the model's."""
+    (full-scale units); its position is ``mean_enu[b]`` (metres). The residual thresholds are the model's.
+    ``powers``: each payload's :func:`mean_power`, when its decoder measured it already (on samples still in cache)."""
     b, r = len(receiver_ids), len(network)
     if b == 0:
         return []
     slot = network.index
     rows = [slot[rid] for ids in receiver_ids for rid in ids]
     owner = np.repeat(np.arange(b), [len(ids) for ids in receiver_ids])
-    flat = np.concatenate([np.asarray(x, np.complex64) for x in iq]).view(np.float32)  # [sum r, 2n] I, Q interleaved
-    mean_sq = np.einsum("ij,ij->i", flat, flat) / (flat.shape[1] // 2)  # mean |x|^2 per receiver
+    mean_sq = np.concatenate(powers) if powers is not None else mean_power(np.concatenate(iq))
     power = np.zeros((b, r))
     used = np.zeros((b, r), bool)
     power[owner, rows] = 10.0 * np.log10(np.maximum(mean_sq, 1e-30)) + full_scale_dbm

@@ -49,6 +49,7 @@ from ..ops.collectors import BrokerCollector, QueueProbe, WorkerCollector
 from ..ops.health import CachedCheck, clear_child_ready, mark_child_ready, worker_health, worker_readiness
 from ..store import probe_database
 from ..ops.logs import configure_logging
+from ..ops.cpu import one_thread_per_process
 from ..ops.memory import pin_mmap_threshold
 from ..ops.metrics import count_model_watch, count_registry_fallback, forget_dead_processes, prepare_multiprocess_dir
 from ..registry.resolve import ModelSet, ResolvedModel, default_cache_dir, ref_uri, resolve_model
@@ -213,6 +214,7 @@ def _init_main(sender: Any = None, **_: Any) -> None:
         return  # the VersionGuard bootstep stops this worker next; leave nothing behind before it does
     settings = process_settings()
     pin_mmap_threshold()
+    one_thread_per_process()  # children inherit it (and set it again at their own start)
     _declare_dead_letter_queue(sender)
     _declare_work_queues(sender, settings)
     run_dir = Path(tempfile.mkdtemp(prefix="heimdall-run-")) if settings.metrics_port > 0 else None
@@ -282,6 +284,7 @@ def _close_main(**_: Any) -> None:
 def _init_child(**_: Any) -> None:
     # A prefork child has no context of its own yet (the parent's was dropped at fork); under the
     # solo pool this is the main process, whose context (and exporter) the service is added to.
+    one_thread_per_process()
     base = current()
     up = parent()
     models = base.models if base else (up.models if up else None)

@@ -94,9 +94,14 @@ class Service:
     def model_info(self) -> dict[str, Any]:
         """Name, version, hash, providers and card of the served model (never its path on the worker's disk), and
         the other models the routes serve here."""
+        from threadpoolctl import threadpool_info
+
         info = {k: v for k, v in self.localizer.session.info().items() if k != "path"}
         out = {**info, "name": self.localizer.name, "version": self.localizer.version,
-               "file_version": self.localizer.spec.version, "alias": self.alias}
+               "file_version": self.localizer.spec.version, "alias": self.alias,
+               # the native thread pools of this process (one thread each in a worker: ops/cpu.py)
+               "native_threads": {f"{i['internal_api']} {i.get('version') or ''}".strip(): int(i["num_threads"])
+                                  for i in threadpool_info()}}
         r = self.router
         if r.routes.active:
             out["routes"] = {"split": [{"ref": ref, "share": share} for ref, share in r.routes.split],

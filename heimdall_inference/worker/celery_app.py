@@ -13,7 +13,7 @@ import os
 from celery import Celery
 
 from ..settings import Settings, set_process_settings
-from .celery_internals import BatchQueuePrefetch, VersionGuard, reset_producer_state
+from .celery_internals import BatchQueuePrefetch, PoolPipes, VersionGuard, reset_producer_state
 from .lifecycle import ModelGuard
 
 __all__ = ["app", "configure_app"]
@@ -22,6 +22,7 @@ app = Celery("heimdall_inference", include=["heimdall_inference.worker.tasks", "
 app.config_from_object(os.environ.get("CELERY_CONFIG_MODULE", "celeryconfig"))
 app.steps["worker"].add(VersionGuard)
 app.steps["worker"].add(ModelGuard)
+app.steps["worker"].add(PoolPipes)
 app.steps["consumer"].add(BatchQueuePrefetch)
 
 

@@ -19,6 +19,10 @@ blocking on retries. A producer whose result subscription fails still publishes 
 reading the result then raises :class:`~heimdall_inference.errors.ResultUnavailable`
 (:func:`heimdall_inference.client.predict`).
 
+A fix's success document (the hot path's only result) is encoded by msgspec (the same JSON document as
+Celery's ``json`` serializer, ~10x faster than the standard library's encoder that took ~8 % of a child's time);
+any other result keeps Celery's encoding.
+
 The seams into Celery are :class:`.celery_internals.RedisBackendWithWriteHook` and
 :func:`.celery_internals.is_result_consumer_failure`.
 Selected by :func:`heimdall_inference.worker.config.build` as
@@ -33,14 +37,30 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import msgspec
 from celery import states
 
+from ..core.fix import SCHEMA_FIX
 from ..ops.breaker import FAILED, SKIPPED, Breaker
 from .celery_internals import RedisBackendWithWriteHook, is_result_consumer_failure
 
-__all__ = ["DeferredRedisBackend", "deferred_writes", "result_unreadable"]
+__all__ = ["DeferredRedisBackend", "deferred_writes", "result_unreadable", "fast_fix_meta"]
 
 log = logging.getLogger(__name__)
+
+_SUCCESS_META_KEYS = frozenset({"status", "result", "traceback", "children", "date_done", "task_id"})
+"""Celery's result document for a success without ``result_extended``: nothing but strings, None, [] and the result."""
+_json = msgspec.json.Encoder()
+
+
+def fast_fix_meta(data: Any) -> bool:
+    """Is this Celery's success document for a fix (``heimdall.fix/v1``, built by this package from str, int,
+    float, bool, None, lists and dicts), which msgspec encodes to the same JSON as kombu's encoder?
+    Anything else (a failure, an extended result carrying the payload's bytes, a date object) is kombu's."""
+    return (type(data) is dict and data.keys() <= _SUCCESS_META_KEYS and data.get("status") == states.SUCCESS
+            and type(data.get("result")) is dict and data["result"].get("schema") == SCHEMA_FIX
+            and type(data.get("date_done")) in (str, type(None)) and not data.get("children")
+            and data.get("traceback") is None)
 
 
 class DeferredRedisBackend(RedisBackendWithWriteHook):
@@ -53,6 +73,12 @@ class DeferredRedisBackend(RedisBackendWithWriteHook):
         # a PING once per interval while Redis is down: no task waits on it, results resume within ~5 s of its return
         self.breaker = Breaker("the result backend (Redis)", base_s=1.0, max_s=5.0, probe=lambda: self.client.ping())
         self.unwritten = 0  #: results dropped because Redis did not answer (this process)
+
+    def encode(self, data: Any) -> Any:
+        """Celery's encoding of a result document, a fix's success by msgspec (:func:`fast_fix_meta`)."""
+        if self.serializer == "json" and not self.compression and fast_fix_meta(data):
+            return _json.encode(data)
+        return super().encode(data)
 
     def write_through(self, write: Callable[[], Any], *, count: int = 1) -> Any:
         """Send results to Redis unless the breaker is open; a failure drops them (counted), never the task."""

@@ -36,6 +36,18 @@ __all__ = ["HeimdallTask", "predict", "predict_chunk", "predict_batch", "collect
 
 MAX_BATCH_PAYLOADS = 1000  #: heimdall.predict_batch carries its payloads in one message; cap it
 
+
+def bare(exc: PayloadError) -> PayloadError:
+    """A client's typed error without the frames it was raised through: its code, field and message say it all.
+
+    Celery turns a failure into a billiard ``ExceptionInfo``, which copies every frame of the traceback with
+    each code object's positions (``co_positions``: thousands for the pipeline's and the tracer's functions),
+    formats it into the result and pickles it to the worker's main process. With the decoder's frames a
+    rejected payload cost the child ~9 ms and the main process ~3 ms, three times a fix; without them the
+    traceback is the tracer's own few frames. Raise it ``from None``: its context is the pipeline's too.
+    """
+    return exc.with_traceback(None)
+
 class HeimdallTask(Task):
     """Celery's Task, except that a message carries no time limits unless the caller passes them.
 
@@ -74,8 +86,14 @@ _SHORT_REPR = {"resultrepr_maxsize": 64}
 def predict(self, payload: Any) -> dict[str, Any]:
     done = take_precomputed(self.request.id)  # computed with others by batching.run_batch
     if done is MISSING:
-        with retried_on_time_limit("the request"):
-            done = current_service().predict(payload, task_id=self.request.id, sent_at_s=sent_at_s(vars(self.request)))
+        try:
+            with retried_on_time_limit("the request"):
+                done = current_service().predict(payload, task_id=self.request.id,
+                                                 sent_at_s=sent_at_s(vars(self.request)))
+        except PayloadError as exc:
+            done = exc
+    if isinstance(done, PayloadError):
+        raise bare(done) from None
     if isinstance(done, BaseException):
         raise done
     remember_fix(self.request.id, done)  # the success log line says it in one line, not the whole document

@@ -7,8 +7,10 @@ import os
 import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
+from heimdall_inference.worker import celery_internals as internals
 from heimdall_inference.worker.batching import PoolBatcher
 
 
@@ -310,11 +312,18 @@ def test_a_burst_is_micro_batched_by_a_prefork_worker(tmp_path, scenes_and_paylo
         with pytest.raises(Exception) as err:
             results[-1].get(timeout=60)
         assert getattr(err.value, "code", None) == "too_few_receivers"
+        # a client's typed error travels without the pipeline's frames (tasks.bare): the tracer's and the task's
+        assert "tasks.py" in results[-1].traceback and "payload.py" not in results[-1].traceback
         assert [f["request_id"] for f in fixes] == [d["request_id"] for d in docs[:-1]]
         assert all(f["task_id"] == r.id for f, r in zip(fixes, results))
         sizes = [f["batch_size"] for f in fixes]
         assert max(sizes) > 1 and max(sizes) <= 8  # one child, a burst: it must have batched
         assert store.count_fixes() == 40 and store.count_rejections() == 1
+        # the pool's pipes (its queues to and from the child) were grown to 1 MiB (celery_internals.PoolPipes)
+        from .test_pool_pipes import pipe_sizes
+
+        (child,) = psutil.Process(_worker.proc.pid).children()
+        assert pipe_sizes(child.pid).count(internals.POOL_PIPE_BYTES) >= 2
 
 
 @pytest.mark.integration

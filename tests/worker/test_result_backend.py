@@ -68,3 +68,42 @@ def test_deferred_writes_is_a_no_op_block_for_other_backends():
 
     with deferred_writes(Plain()):
         pass
+
+
+def test_a_fix_is_stored_by_msgspec_as_the_same_document_and_anything_else_by_celery(backend, localizer,
+                                                                                      scenes_and_payloads):
+    """A fix's success document takes the fast encoder, in and out of a block; it reads back value for value
+    (floats exactly) and as the same JSON kombu would write. Failures and other results keep Celery's."""
+    import json
+
+    from kombu.utils.json import dumps as kombu_dumps
+
+    from heimdall_inference.worker.result_backend import fast_fix_meta
+
+    fixes = localizer.predict_many([dict(d) for d in scenes_and_payloads[1][:6]])
+    r = redis.Redis.from_url(REDIS_URL)
+    try:
+        ids = [uuid.uuid4().hex for _ in fixes]
+        backend.mark_as_done(ids[0], fixes[0])  # a single task: Celery's write path
+        with deferred_writes(backend):  # a micro-batch
+            for tid, fix in zip(ids[1:], fixes[1:]):
+                backend.mark_as_done(tid, fix)
+        for tid, fix in zip(ids, fixes):
+            raw = r.get(backend.get_key_for_task(tid))
+            assert raw.startswith(b'{"status":"SUCCESS","result":{')  # msgspec's compact document
+            stored = json.loads(raw)
+            assert stored["result"] == fix and json.loads(kombu_dumps(stored)) == stored
+            assert backend.get_task_meta(tid)["result"] == fix
+        other, failed = uuid.uuid4().hex, uuid.uuid4().hex
+        backend.mark_as_done(other, {"n": 1})
+        backend.mark_as_failure(failed, ValueError("bad"))
+        assert r.get(backend.get_key_for_task(other)).startswith(b'{"status": "SUCCESS"')  # kombu's encoder
+        assert backend.get_task_meta(failed)["status"] == states.FAILURE
+    finally:
+        r.close()
+    meta = {"status": "SUCCESS", "result": fixes[0], "traceback": None, "children": [], "date_done": "x",
+            "task_id": "t"}
+    assert fast_fix_meta(meta)
+    assert not fast_fix_meta({**meta, "args": [b"\x00"]})  # result_extended: the payload's bytes are kombu's
+    assert not fast_fix_meta({**meta, "status": "FAILURE"})
+    assert not fast_fix_meta({**meta, "result": {**fixes[0], "schema": "other"}})

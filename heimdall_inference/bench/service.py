@@ -102,11 +102,13 @@ class _Payloads:
             i = int(self.rng.integers(0, len(self.bin_docs)))
         return self.bin_docs[i]
 
-    def next(self, *, valid: bool = False) -> dict[str, Any]:
+    def next(self, *, valid: bool = False, invalid: bool = False) -> dict[str, Any]:
+        """The next submission: random (repeats and invalid ones in their shares), ``valid`` never invalid,
+        ``invalid`` always (too few receivers: a recorded rejection)."""
         with self._lock:
             self.count += 1
             n = self.count
-            r = max(self.rng.random(), self.cfg.invalid_share if valid else 0.0)
+            r = -1.0 if invalid else max(self.rng.random(), self.cfg.invalid_share if valid else 0.0)
             i = int(self.rng.integers(0, len(self.bin_docs)))
         doc = dict(self.bin_docs[i])
         doc["request_id"] = f"{self.run_id}-{n}"
@@ -369,6 +371,11 @@ def run_service_bench(settings: Settings, cfg: BenchConfig, *, start_worker: boo
             report[f"{kind}_per_s"] = best[f"{kind}_per_s"]
             cpu[kind] = {"publishers": best["publishers"], **best[f"{kind}_cpu"]}
         report["predict_burst_errors"] = sum(r["predict_errors"] for r in report["bursts"])
+        # a burst of invalid payloads at predict's publisher count: what a rejection costs the worker beside a fix
+        k = cpu["predict"]["publishers"]
+        (report["reject_per_s"], report["reject_errors"]), reject_cpu = metered(
+            lambda: _burst(lambda: submit(payloads.next(invalid=True)), cfg.burst, k), cfg.burst)
+        cpu["reject"] = {"publishers": k, **reject_cpu}
         report["cpu"] = cpu
         report["closed_loop"] = []
         timings: list[dict[str, float]] = []
@@ -440,7 +447,8 @@ def worker_efficiency(cpu: dict[str, Any], inprocess_cpu_ms: float) -> dict[str,
         worker_ms = ms.get("worker_main", 0.0) + ms.get("worker_children", 0.0)
         out[phase] = {"worker_main_ms": ms.get("worker_main", 0.0), "worker_children_ms": ms.get("worker_children", 0.0),
                       "worker_ms": round(worker_ms, 3),
-                      "efficiency": round(inprocess_cpu_ms / worker_ms, 3) if worker_ms > 0 else None}
+                      "efficiency": round(inprocess_cpu_ms / worker_ms, 3) if worker_ms > 0 and phase != "reject"
+                      else None}  # a rejection computes no fix
     return out
 
 
@@ -459,6 +467,9 @@ def format_report(r: dict[str, Any]) -> str:
                  f"-> ratio {r['ratios']['single_over_noop']:.2f} (target >= 0.9)")
     lines.append(f"noop carrying the same payloads {r['noop_payload_per_s']:.0f} tasks/s -> predict / that "
                  f"{r['ratios']['single_over_noop_payload']:.2f} (target >= 1.2)")
+    if "reject_per_s" in r:
+        lines.append(f"invalid payloads (too few receivers), {r['cpu']['reject']['publishers']} publishers: "
+                     f"{r['reject_per_s']:.0f} rejections/s, {r['reject_errors']} unexpected errors")
     lines.append(f"{'closed loop':>12} {'fixes/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} errors batch")
     for c in r["closed_loop"]:
         lines.append(f"{c['producers']:>12} {c['throughput_per_s']:>8.0f} {c['p50_ms']:>7.1f} {c['p95_ms']:>7.1f} "
@@ -499,7 +510,7 @@ def format_report(r: dict[str, Any]) -> str:
                      "elsewhere) and in-process CPU per fix / that:")
         for phase, w in e.items():
             eff = "-" if w["efficiency"] is None else f"{w['efficiency']:.2f}"
-            target = {"predict": " (target >= 0.4)", "batch": " (target >= 0.6)"}.get(phase, "")
+            target = {"predict": " (target >= 0.4)", "batch": " (target >= 0.6)", "reject": " (a rejection)"}.get(phase, "")
             lines.append(f"{phase:>13} main {w['worker_main_ms']:.2f} + children {w['worker_children_ms']:.2f} = "
                          f"{w['worker_ms']:.2f} ms -> efficiency {eff}{target}")
     m = r["message_bytes"]

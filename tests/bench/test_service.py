@@ -20,6 +20,10 @@ def test_tiny_bench_on_the_real_servers_accounts_for_every_payload(live, live_wo
     a = report["accounting"]
     assert a["lost"] == 0 and a["submitted"] == a["fix_rows"] + a["rejection_rows"]
     assert a["rejection_rows"] == a["invalid_sent"]
+    # the rejections burst: every one of its payloads a recorded rejection, none an unexpected error
+    assert report["reject_errors"] == 0 and a["invalid_sent"] >= 40 and report["reject_per_s"] > 0
+    eff = report["worker_efficiency"]
+    assert eff["reject"]["efficiency"] is None  # a rejection computes no fix (the rest need the worker metered)
     assert report["batch"]["rows"] + report["batch"]["errors"] == 64
     lb = report["live_during_batch"]
     assert lb["batch_fixes"] + lb["batch_errors"] == 128 and lb["during"]["errors"] == lb["idle"]["errors"] == 0
@@ -29,7 +33,7 @@ def test_tiny_bench_on_the_real_servers_accounts_for_every_payload(live, live_wo
     assert report["ratios"]["single_over_noop"] > 0 and report["ratios"]["batch_over_inprocess"] > 0
     assert 1.0 < report["message_bytes"]["json_base64_bytes_per_fix"] / report["message_bytes"]["msgpack_bytes_per_fix"]
     text = format_report(report)
-    assert "accounting" in text and "lost 0" in text and "-payload batch" in text
+    assert "accounting" in text and "lost 0" in text and "-payload batch" in text and "rejections/s" in text
     assert plot_report(report, tmp_path / "b.png").stat().st_size > 10_000
 
 

@@ -136,13 +136,25 @@ class Service:
         out: list[dict[str, Any] | Exception | None] = [None] * len(requests)
         task_ids = [r.task_id for r in requests]
         admitted: list[tuple[int, DecodedPayload, Arm]] = []
+        rejected: list[tuple[int, PayloadError, dict[str, Any]]] = []  #: recorded together, in one write
         for i, r in enumerate(requests):
             try:
-                admitted.append((i, *self._admit(r.payload, r.task_id, digest=self.cache is not None)))
+                admitted.append((i, *self._admit(r.payload, r.task_id, digest=self.cache is not None, record=False)))
             except self.interrupts:
                 raise
-            except Exception as exc:  # PayloadError (recorded), TransientError (an iq_ref store or the database
-                out[i] = self._own_failure(exc, r.task_id)  # down while recording), or a bug
+            except PayloadError as exc:
+                out[i] = exc
+                rejected.append((i, exc, self._rejection_row(exc, r.payload, r.task_id)))
+            except Exception as exc:  # TransientError (an iq_ref store down), or a bug
+                out[i] = self._own_failure(exc, r.task_id)
+        if rejected:
+            try:
+                self._record([(exc, row) for _, exc, row in rejected])
+            except self.interrupts:
+                raise
+            except Exception as exc:  # TransientError: the database is down; each rejected task retries, and records
+                for i, _, _ in rejected:  # its rejection once it is back
+                    out[i] = self._own_failure(exc, task_ids[i])
         decode_ms = (time.time() - t0) * 1e3 / max(1, len(requests))
         bank = _FeatureBank()
         misses: list[tuple[int, DecodedPayload, Arm]] = []
@@ -274,21 +286,47 @@ class Service:
         return exc
 
     def _admit(self, payload: RawPayload, task_id: str | None, *, digest: bool = True, key: str | None = None,
-               route_key: str | None = None) -> tuple[DecodedPayload, Arm]:
+               route_key: str | None = None, record: bool = True) -> tuple[DecodedPayload, Arm]:
         """Decode and route (``route_key``, else the task id, when the payload has no session or request id); a
         PayloadError (invalid input, an ``options.model`` not served here) is recorded first (TransientError if
-        the database is down: the task retries, and records it once it is back)."""
+        the database is down: the task retries, and records it once it is back), unless ``record`` is False:
+        then the caller records it (a batch records its rejections in one write)."""
         try:
             decoded = (self.localizer.decode(payload, digest=digest) if self.decoder is None else
                        self.decoder.decode(payload, digest=digest))
             return decoded, self.router.choose(decoded, route_key or task_id)
         except PayloadError as exc:
-            self._reject(exc, payload, task_id, key)
+            if record:
+                self._reject(exc, payload, task_id, key)
             raise
 
     def _reject(self, exc: PayloadError, payload: RawPayload, task_id: str | None, key: str | None = None) -> None:
         """Record one rejection (once per request and code). A refused row is logged, never a crash;
         an unreachable database raises TransientError."""
+        self._record([(exc, self._rejection_row(exc, payload, task_id, key))])
+
+    def _record(self, rejected: Sequence[tuple[PayloadError, dict[str, Any]]]) -> None:
+        """Record rejections in one write and count them. If the database refuses the write for good, each row
+        is tried alone, so that one row it refuses (logged, never a crash) costs no other its record; an
+        unreachable database raises TransientError."""
+        try:
+            self.store.write_rejections([row for _, row in rejected])
+        except StorageError:
+            if len(rejected) == 1:
+                log.exception("could not record a rejected payload (%s)", rejected[0][0].code)
+            else:
+                for one in rejected:
+                    self._record([one])
+                return
+        for exc, _ in rejected:
+            self.counters.rejected[exc.code] = self.counters.rejected.get(exc.code, 0) + 1
+            if self.metrics is not None:
+                self.metrics.rejections.labels(code=exc.code).inc()
+
+    @staticmethod
+    def _rejection_row(exc: PayloadError, payload: RawPayload, task_id: str | None,
+                       key: str | None = None) -> dict[str, Any]:
+        """The rejections row of a payload refused with ``exc``."""
         receivers, request_id, own = [], None, None
         if isinstance(payload, dict):
             rid = payload.get("request_id")
@@ -300,15 +338,8 @@ class Service:
             if isinstance(recs, list):
                 receivers = [r["id"][:64] for r in recs[:16] if isinstance(r, dict) and isinstance(r.get("id"), str)]
         size = len(payload) if isinstance(payload, (bytes, bytearray, memoryview)) else exc.context.get("size_bytes")
-        row = rejection_row(exc.to_dict(), task_id=task_id, request_id=request_id, receivers=receivers,
-                            size_bytes=size, key=own or key or task_id)
-        try:
-            self.store.write_rejections([row])
-        except StorageError:  # a row the database refuses for good must not turn a clean rejection into a crash
-            log.exception("could not record a rejected payload (%s)", exc.code)
-        self.counters.rejected[exc.code] = self.counters.rejected.get(exc.code, 0) + 1
-        if self.metrics is not None:
-            self.metrics.rejections.labels(code=exc.code).inc()
+        return rejection_row(exc.to_dict(), task_id=task_id, request_id=request_id, receivers=receivers,
+                             size_bytes=size, key=own or key or task_id)
 
     def _cached(self, asked: Sequence[tuple[DecodedPayload, Arm, str | None]], *,
                 count: bool = True) -> list[dict[str, Any] | None]:
@@ -438,16 +469,21 @@ class Service:
         admitted: list[tuple[int, DecodedPayload, Arm]] = []  #: (index in the chunk, payload, arm)
         keys: list[str | None] = [f"{task_id}:{offset + i}" if task_id else None for i in range(len(payloads))]
         errors: list[dict[str, Any]] = []
+        rejected: list[tuple[PayloadError, dict[str, Any]]] = []  #: recorded together, in one write
         for i, p in enumerate(payloads):
             try:  # chunks skip the cache
-                admitted.append((i, *self._admit(p, task_id, digest=False, key=keys[i], route_key=keys[i])))
+                admitted.append((i, *self._admit(p, task_id, digest=False, key=keys[i], route_key=keys[i],
+                                                 record=False)))
             except PayloadError as exc:
                 errors.append({"index": offset + i, **exc.to_dict()})
+                rejected.append((exc, self._rejection_row(exc, p, task_id, keys[i])))
             except (TransientError, *self.interrupts):
                 raise  # an iq_ref store or the database down, a time limit: the chunk task retries (idempotent keys)
             except Exception as exc:  # a server fault on this payload: its own error entry
                 self._own_failure(exc, keys[i])
                 errors.append(_internal_error(offset + i, exc))
+        if rejected:
+            self._record(rejected)  # TransientError: the database is down; the chunk retries (idempotent keys)
         t1 = time.perf_counter()
         bank = _FeatureBank()
         outcomes = self._locate(admitted, (t1 - t0) * 1e3, keys, bank)

@@ -287,3 +287,54 @@ def test_distinct_invalid_request_ids_are_never_merged_into_one_rejection(servic
         with pytest.raises(PayloadError):
             service.predict({"schema": "heimdall.iq/v1", "request_id": "r" * 500 + str(i)}, task_id=f"task-{i}")
     assert [r["reject_key"] for r in service.store.rejections] == ["task-0", "task-1"]
+
+
+class _CountingRejections(MemoryStore):
+    """Counts rejection writes; refuses for good any write holding a row keyed in ``refuse`` (a constraint would)."""
+
+    def __init__(self, refuse: frozenset[str] = frozenset(), down: bool = False) -> None:
+        super().__init__()
+        self.refuse, self.down, self.writes = refuse, down, []
+
+    def write_rejections(self, rows):
+        if self.down:
+            raise TransientError("the database is unreachable")
+        self.writes.append(len(rows))
+        if any(r["reject_key"] in self.refuse for r in rows):
+            raise StorageError("refused")
+        super().write_rejections(rows)
+
+
+def _mixed(scenes_and_payloads, tag: str) -> list:
+    from heimdall_inference.worker.service import Request
+
+    docs = [copy.deepcopy(d) for d in scenes_and_payloads[1][:6]]
+    for k, d in enumerate(docs):
+        d["request_id"] = f"{tag}-{k}"
+        if k % 2:
+            d["receivers"] = d["receivers"][:2]  # invalid: too few receivers
+    return [Request(d, f"{tag}-t{k}", None) for k, d in enumerate(docs)]
+
+
+def test_a_batch_records_its_rejections_in_one_write(localizer, scenes_and_payloads):
+    store = _CountingRejections()
+    out = Service(localizer, store).predict_requests(_mixed(scenes_and_payloads, "rb"))
+    assert [isinstance(o, dict) for o in out] == [True, False] * 3
+    assert all(o.code == "too_few_receivers" for o in out[1::2])
+    assert store.writes == [3] and [r["reject_key"] for r in store.rejections] == ["rb-1", "rb-3", "rb-5"]
+    docs = [r.payload for r in _mixed(scenes_and_payloads, "rc")]
+    summary = Service(localizer, store).predict_chunk(docs, task_id="c", offset=0)
+    assert summary["fixes"] == 3 and [e["index"] for e in summary["errors"]] == [1, 3, 5]
+    assert store.writes == [3, 3] and len(store.rejections) == 6
+
+
+def test_a_refused_rejection_row_costs_no_other_its_record_and_an_outage_retries_each(localizer, scenes_and_payloads):
+    store = _CountingRejections(refuse=frozenset({"rr-3"}))
+    service = Service(localizer, store)
+    out = service.predict_requests(_mixed(scenes_and_payloads, "rr"))
+    assert all(o.code == "too_few_receivers" for o in out[1::2])  # each still gets its typed error
+    assert store.writes == [3, 1, 1, 1] and [r["reject_key"] for r in store.rejections] == ["rr-1", "rr-5"]
+    assert service.counters.rejected == {"too_few_receivers": 3}
+    down = Service(localizer, _CountingRejections(down=True)).predict_requests(_mixed(scenes_and_payloads, "rd"))
+    assert [type(o).__name__ for o in down[1::2]] == ["TransientError"] * 3  # those tasks retry, and record then
+    assert all(isinstance(o, dict) for o in down[0::2])

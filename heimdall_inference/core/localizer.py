@@ -126,12 +126,13 @@ class Localizer:
 
     def fixes(self, decoded: Sequence[DecodedPayload], *, decode_ms: float = 0.0,
               task_ids: list[str | None] | None = None, alias: str | None = None,
-              features: FeatureBatch | None = None) -> list[dict[str, Any] | InferenceError]:
+              features: FeatureBatch | None = None, geojson: bool = True) -> list[dict[str, Any] | InferenceError]:
         """Estimate and build the ``heimdall.fix/v1`` documents; timings are per fix (batch / B).
 
         A payload whose position or covariance comes out non-finite gets an :class:`InferenceError`
         in its slot (a server fault, never a fix, never cached or stored); its neighbours are unaffected.
-        ``features``: these payloads' features, computed already (:meth:`estimate`).
+        ``features``: these payloads' features, computed already (:meth:`estimate`). ``geojson=False``: documents
+        for the database only, without the ellipse's ring (:func:`~.fix.build_fixes`).
         """
         if not decoded:
             return []
@@ -142,14 +143,15 @@ class Localizer:
         ok = np.isfinite(est.mean_enu).all(axis=1) & np.isfinite(est.cov).all(axis=(1, 2))
         if ok.all():
             return list(build_fixes(list(decoded), est.mean_enu, est.cov, self.spec, timings_ms=timings,
-                                    task_ids=task_ids, alias=alias, name=self.name, version=self.version))
+                                    task_ids=task_ids, alias=alias, name=self.name, version=self.version,
+                                    geojson=geojson))
         keep = np.flatnonzero(ok)
         out: list[dict[str, Any] | InferenceError] = [
             InferenceError(f"the model gave a non-finite position or covariance for receivers "
                            f"{list(decoded[i].receiver_ids)}") for i in range(b)]
         built = build_fixes([decoded[i] for i in keep], est.mean_enu[keep], est.cov[keep], self.spec, timings_ms=timings,
                             task_ids=[task_ids[i] for i in keep] if task_ids else None, alias=alias,
-                            name=self.name, version=self.version)
+                            name=self.name, version=self.version, geojson=geojson)
         for i, fix in zip(keep, built):
             out[i] = fix
         return out

@@ -194,10 +194,11 @@ class Service:
         return out  # type: ignore[return-value]
 
     def _locate(self, items: Sequence[tuple[int, DecodedPayload, Arm]], decode_ms: float,
-                task_ids: Sequence[str | None], bank: "_FeatureBank") -> list[dict[str, Any] | Exception]:
+                task_ids: Sequence[str | None], bank: "_FeatureBank", *,
+                geojson: bool = True) -> list[dict[str, Any] | Exception]:
         """The fixes of ``items`` (slot, payload, arm): one feature pass, one session run per arm; if an arm's
         run fails as a whole, each of its payloads again alone, so that a payload that breaks the model fails
-        by itself. ``task_ids`` by slot."""
+        by itself. ``task_ids`` by slot; ``geojson=False`` for fixes that only go to the database."""
         out: list[dict[str, Any] | Exception | None] = [None] * len(items)
         groups: dict[int, list[int]] = {}
         plans: dict[FeatureConfig, list[int]] = {}  #: one feature pass per feature plan (arms, band models)
@@ -223,7 +224,8 @@ class Service:
             try:
                 got = arm.localizer.fixes([items[k][1] for k in ks], decode_ms=per_ms * len(ks),
                                           task_ids=[task_ids[items[k][0]] for k in ks], alias=arm.alias,
-                                          features=mine[1].take([mine[0][k] for k in ks]) if mine is not None else None)
+                                          features=mine[1].take([mine[0][k] for k in ks]) if mine is not None else None,
+                                          geojson=geojson)
                 for k, f in zip(ks, got):
                     out[k] = f
                 continue
@@ -238,7 +240,8 @@ class Service:
             for k in ks:
                 i, d, _ = items[k]
                 try:
-                    out[k] = arm.localizer.fixes([d], decode_ms=per_ms, task_ids=[task_ids[i]], alias=arm.alias)[0]
+                    out[k] = arm.localizer.fixes([d], decode_ms=per_ms, task_ids=[task_ids[i]], alias=arm.alias,
+                                                 geojson=geojson)[0]
                 except self.interrupts:
                     raise
                 except Exception as exc:
@@ -486,7 +489,7 @@ class Service:
             self._record(rejected)  # TransientError: the database is down; the chunk retries (idempotent keys)
         t1 = time.perf_counter()
         bank = _FeatureBank()
-        outcomes = self._locate(admitted, (t1 - t0) * 1e3, keys, bank)
+        outcomes = self._locate(admitted, (t1 - t0) * 1e3, keys, bank, geojson=False)  # stored, never returned
         t2 = time.perf_counter()
         served = [(i, d, arm) for (i, d, arm), o in zip(admitted, outcomes) if isinstance(o, dict)]
         found = {i: o for (i, _, _), o in zip(admitted, outcomes)}

@@ -112,3 +112,19 @@ def test_a_payload_at_twice_the_rate_gives_nearly_the_same_fix(localizer, spec):
     fixes = localizer.predict_many(scene_payloads(scenes, iq, spec.network, fast, seed=55, dtype="complex64"))
     assert all(isinstance(f, dict) for f in fixes)
     assert np.median(_errors_km(fixes, scenes)) < 60
+
+
+def test_documents_for_the_database_are_the_same_documents_without_the_ring(localizer, scenes_and_payloads):
+    """A chord chunk's fixes go to the database only, which stores them without the GeoJSON ring: built without
+    it, they are the same documents, value for value, less ``uncertainty.geojson``."""
+    from heimdall_inference.store.base import fix_row
+
+    decoded = [localizer.decode(dict(d)) for d in scenes_and_payloads[1][:12]]
+    full = localizer.fixes(decoded, task_ids=[f"t{i}" for i in range(12)])
+    lean = localizer.fixes(decoded, task_ids=[f"t{i}" for i in range(12)], geojson=False)
+    for f, g in zip(full, lean):
+        assert "geojson" in f["uncertainty"] and "geojson" not in g["uncertainty"]
+        f_less = {**f, "uncertainty": {k: v for k, v in f["uncertainty"].items() if k != "geojson"}}
+        assert {**f_less, "timings_ms": None} == {**g, "timings_ms": None}
+        rows = [fix_row({**x, "timings_ms": {}}) for x in (f, g)]
+        assert rows[0] == rows[1]  # the same stored row

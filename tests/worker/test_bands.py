@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 
 from heimdall_inference.core.localizer import Localizer
@@ -64,10 +65,13 @@ def test_a_mixed_batch_is_routed_by_centre_frequency_with_one_feature_pass_per_p
     assert names == ["localization_model", "localization_model_70cm"] * 5
     # both models share one feature plan: one pass for the whole mixed batch
     assert uhf.spec.features == localizer.spec.features and passes == [10]
-    # each fix is the one its band's model gives alone
+    # each fix is the one its band's model gives alone (to float32 rounding: the feature pass's matrix product
+    # sums in an order that depends on the batch's shape and the CPU's BLAS kernel)
     alone = uhf.predict(copy.deepcopy(uhf_payloads[0]))
-    assert out[1]["position"] == alone["position"]
-    assert out[1]["uncertainty"]["covariance_enu_m2"] == alone["uncertainty"]["covariance_enu_m2"]
+    assert out[1]["position"]["east_m"] == pytest.approx(alone["position"]["east_m"], abs=0.2)
+    assert out[1]["position"]["north_m"] == pytest.approx(alone["position"]["north_m"], abs=0.2)
+    assert np.allclose(out[1]["uncertainty"]["covariance_enu_m2"], alone["uncertainty"]["covariance_enu_m2"],
+                       rtol=1e-4, atol=0)
     rows = {r["request_id"]: r for r in store.fixes.values()}
     assert rows["uhf-707-0"]["model_name"] == "localization_model_70cm" and rows["sim-101-0"]["model_name"] == "localization_model"
 

@@ -118,7 +118,7 @@ def _send_offset_view(fd: int, buf: Any, offset: int, write: Callable[[int, Any]
     The pool's main process writes each job into a child's pipe as far as the pipe takes it and comes back for
     the rest when the pipe is writable again; billiard slices the remainder into a new bytes object each time,
     so a job of n pipe-fulls copies ~n²/2 of them (a micro-batch of 32 payloads, 2.1 MB through a 64 KiB pipe:
-    4.0 ms of the main process' CPU, 1.2 ms through a view; measured in tests/worker/test_pool_pipes.py's figures).
+    4.0 ms of the main process' CPU, 1.2 ms through a view; docs/performance.md, "The worker's own cost").
     """
     return write(fd, memoryview(buf)[offset:])
 

@@ -139,7 +139,7 @@ class Service:
         rejected: list[tuple[int, PayloadError, dict[str, Any]]] = []  #: recorded together, in one write
         for i, r in enumerate(requests):
             try:
-                admitted.append((i, *self._admit(r.payload, r.task_id, digest=self.cache is not None, record=False)))
+                admitted.append((i, *self._admit(r.payload, r.task_id, digest=self.cache is not None)))
             except self.interrupts:
                 raise
             except PayloadError as exc:
@@ -288,20 +288,14 @@ class Service:
             log.error("request %s failed on a server fault", task_id, exc_info=exc)
         return exc
 
-    def _admit(self, payload: RawPayload, task_id: str | None, *, digest: bool = True, key: str | None = None,
-               route_key: str | None = None, record: bool = True) -> tuple[DecodedPayload, Arm]:
-        """Decode and route (``route_key``, else the task id, when the payload has no session or request id); a
-        PayloadError (invalid input, an ``options.model`` not served here) is recorded first (TransientError if
-        the database is down: the task retries, and records it once it is back), unless ``record`` is False:
-        then the caller records it (a batch records its rejections in one write)."""
-        try:
-            decoded = (self.localizer.decode(payload, digest=digest) if self.decoder is None else
-                       self.decoder.decode(payload, digest=digest))
-            return decoded, self.router.choose(decoded, route_key or task_id)
-        except PayloadError as exc:
-            if record:
-                self._reject(exc, payload, task_id, key)
-            raise
+    def _admit(self, payload: RawPayload, task_id: str | None, *, digest: bool = True,
+               route_key: str | None = None) -> tuple[DecodedPayload, Arm]:
+        """Decode and route (``route_key``, else the task id, when the payload has no session or request id). A
+        PayloadError (invalid input, an ``options.model`` not served here) is the caller's to record: a batch
+        records its rejections in one write (:meth:`_record`)."""
+        decoded = (self.localizer.decode(payload, digest=digest) if self.decoder is None else
+                   self.decoder.decode(payload, digest=digest))
+        return decoded, self.router.choose(decoded, route_key or task_id)
 
     def _reject(self, exc: PayloadError, payload: RawPayload, task_id: str | None, key: str | None = None) -> None:
         """Record one rejection (once per request and code). A refused row is logged, never a crash;
@@ -475,8 +469,7 @@ class Service:
         rejected: list[tuple[PayloadError, dict[str, Any]]] = []  #: recorded together, in one write
         for i, p in enumerate(payloads):
             try:  # chunks skip the cache
-                admitted.append((i, *self._admit(p, task_id, digest=False, key=keys[i], route_key=keys[i],
-                                                 record=False)))
+                admitted.append((i, *self._admit(p, task_id, digest=False, route_key=keys[i])))
             except PayloadError as exc:
                 errors.append({"index": offset + i, **exc.to_dict()})
                 rejected.append((exc, self._rejection_row(exc, p, task_id, keys[i])))
